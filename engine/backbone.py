@@ -1,0 +1,138 @@
+"""ResNet body with frozen batch norm, and the feature pyramid (P2..P6).
+
+Module and parameter names follow torchvision's current state-dict layout
+(``body.conv1``, ``body.layer1.0.conv2``, ``fpn.inner_blocks.0.0``...), which is
+the engine's canonical layout: :mod:`weights` maps every checkpoint family onto it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics: ``y = x * scale + shift`` per channel.
+
+    ``scale = weight * rsqrt(running_var + eps)``, ``shift = bias - running_mean * scale``,
+    computed as torchvision's ``FrozenBatchNorm2d`` does (its COCO v1 weights use eps = 0).
+    Input and output: float [B, C, H, W].
+    """
+
+    def __init__(self, num_features: int, *, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1, 3x3 (carries the stride), 1x1 with 4x expansion, plus shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, *, stride: int, bn_eps: float, downsample: bool) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width, eps=bn_eps)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(width, eps=bn_eps)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                FrozenBatchNorm2d(out_channels, eps=bn_eps),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + identity)
+
+
+class ResNetBody(nn.Module):
+    """ResNet stem and four stages; returns C2..C5 (strides 4, 8, 16, 32).
+
+    Args:
+        blocks_per_stage: e.g. (3, 4, 6, 3) for ResNet-50, (3, 4, 23, 3) for ResNet-101.
+        bn_eps: eps of every frozen batch norm.
+    """
+
+    def __init__(self, *, blocks_per_stage: tuple[int, int, int, int], bn_eps: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(64, eps=bn_eps)
+        in_channels = 64
+        for stage, (blocks, width) in enumerate(zip(blocks_per_stage, (64, 128, 256, 512)), start=1):
+            layers = []
+            for b in range(blocks):
+                stride = 2 if (b == 0 and stage > 1) else 1
+                layers.append(
+                    Bottleneck(in_channels, width, stride=stride, bn_eps=bn_eps, downsample=(b == 0))
+                )
+                in_channels = width * Bottleneck.expansion
+            self.add_module(f"layer{stage}", nn.Sequential(*layers))
+        self.out_channels = (256, 512, 1024, 2048)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+class FeaturePyramid(nn.Module):
+    """FPN (Lin et al. 2017) as torchvision builds it, plus P6 by max-pool(kernel 1, stride 2) of P5.
+
+    Lateral 1x1 convs (``inner_blocks``) and output 3x3 convs (``layer_blocks``), both with bias;
+    the top-down path upsamples by nearest neighbour to the lateral's size and adds.
+    Input: C2..C5; output: [P2, P3, P4, P5, P6], each float [B, out_channels, H/2**k, W/2**k].
+    """
+
+    def __init__(self, *, in_channels: tuple[int, ...], out_channels: int) -> None:
+        super().__init__()
+        self.inner_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels
+        )
+        self.layer_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels
+        )
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        last_inner = self.inner_blocks[-1](features[-1])
+        outputs = [self.layer_blocks[-1](last_inner)]
+        for idx in range(len(features) - 2, -1, -1):
+            lateral = self.inner_blocks[idx](features[idx])
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = lateral + top_down
+            outputs.insert(0, self.layer_blocks[idx](last_inner))
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2, padding=0))
+        return outputs
+
+
+class Backbone(nn.Module):
+    """ResNet body + FPN: padded image batch float32 [B, 3, Hp, Wp] -> [P2..P6]."""
+
+    def __init__(self, *, blocks_per_stage: tuple[int, int, int, int], fpn_channels: int, bn_eps: float) -> None:
+        super().__init__()
+        self.body = ResNetBody(blocks_per_stage=blocks_per_stage, bn_eps=bn_eps)
+        self.fpn = FeaturePyramid(in_channels=self.body.out_channels, out_channels=fpn_channels)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.fpn(self.body(images))

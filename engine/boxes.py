@@ -1,0 +1,78 @@
+"""Box arithmetic shared by the RPN and the box head: delta decoding, clipping, size filter.
+
+All boxes are float32 [..., 4], x1 y1 x2 y2, widths ``x2 - x1`` without a +1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def decode_deltas(
+    deltas: Tensor,
+    reference: Tensor,
+    *,
+    weights: tuple[float, float, float, float],
+    clip: float,
+    clamp: str = "upper",
+) -> Tensor:
+    """Apply (dx, dy, dw, dh) deltas to reference boxes (Faster R-CNN parametrisation).
+
+    Args:
+        deltas: float32 [N, 4 * K]: K deltas per reference box, (dx, dy, dw, dh) each.
+        reference: float32 [N, 4] anchors or proposals.
+        weights: (wx, wy, ww, wh); deltas are divided by them.
+        clip: bound on dw, dh before exp (log(1000/16)).
+        clamp: "upper" (dw <= clip; torchvision, Detectron2), "symmetric" (|dw| <= clip; mmdet),
+            "none" (matterport).
+
+    Returns:
+        float32 [N, 4 * K] decoded boxes, in the reference boxes' frame.
+    """
+    reference = reference.to(deltas.dtype)
+    widths = reference[:, 2] - reference[:, 0]
+    heights = reference[:, 3] - reference[:, 1]
+    ctr_x = reference[:, 0] + 0.5 * widths
+    ctr_y = reference[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = deltas[:, 2::4] / ww
+    dh = deltas[:, 3::4] / wh
+    if clamp == "upper":
+        dw, dh = dw.clamp(max=clip), dh.clamp(max=clip)
+    elif clamp == "symmetric":
+        dw, dh = dw.clamp(min=-clip, max=clip), dh.clamp(min=-clip, max=clip)
+    elif clamp != "none":
+        raise ValueError(f"unknown delta clamp {clamp!r}")
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = torch.exp(dw) * widths[:, None]
+    pred_h = torch.exp(dh) * heights[:, None]
+    half = torch.tensor(0.5, dtype=deltas.dtype, device=deltas.device)
+    half_w, half_h = half * pred_w, half * pred_h
+    out = torch.stack(
+        (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2
+    )
+    return out.flatten(1)
+
+
+def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clamp x to [0, w] and y to [0, h]; ``size`` is (h, w). Shape [..., 4] is kept."""
+    height, width = size
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """bool [N]: both sides >= min_size."""
+    ws = boxes[:, 2] - boxes[:, 0]
+    hs = boxes[:, 3] - boxes[:, 1]
+    return (ws >= min_size) & (hs >= min_size)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """float [N]: (x2 - x1) * (y2 - y1)."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

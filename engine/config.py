@@ -1,0 +1,184 @@
+"""Inference configuration: one frozen dataclass, with a named preset per checkpoint family.
+
+Every behavioural switch on which the Mask R-CNN implementations differ
+(``../shared/reference/checkpoint-families.md``, section 0) is a field here, so
+that a family is a preset, not a fork of the pipeline. Architecture sizes
+(depth, widths, number of classes) are not configuration: they are read from
+the checkpoint (:class:`engine.model.ArchitectureSpec`).
+
+Values that another family needs but that this engine does not implement yet
+are rejected in ``__post_init__`` with an error that names what is supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from kernels.roi_align import LevelRule
+
+_RESIZE_ROUNDINGS = ("floor", "round_half_up")
+_RESIZE_METHODS = ("torch_bilinear",)  # bilinear on the normalised float image, no antialias
+_ANCHOR_STRIDES = ("padded_div_feature", "fixed")
+_DELTA_CLAMPS = ("upper", "symmetric", "none")
+_BACKGROUND = ("first", "last")
+_PASTE_METHODS = ("torchvision",)
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """How a Mask R-CNN checkpoint is run, stage by stage.
+
+    Attributes (grouped by stage):
+
+    Input and pre-processing
+        channel_order: "RGB" or "BGR": the order the network expects (inputs are always RGB).
+        input_scale: uint8 pixels are divided by this before normalisation (255 -> [0, 1], as torchvision).
+        pixel_mean, pixel_std: per channel, in the network's channel order and in units after ``input_scale``.
+        normalize_before_resize: torchvision normalises, then resizes the float image.
+        min_size, max_size: the short side is scaled to ``min_size`` unless the long side would exceed ``max_size``.
+        resize_rounding: "floor" (torchvision) or "round_half_up" (Detectron2, mmdet) for the output size.
+        resize_method: "torch_bilinear" (F.interpolate bilinear, align_corners=False, no antialias).
+        size_divisibility: the batch is zero-padded bottom/right to a multiple of this.
+
+    Backbone
+        bn_eps: eps of the frozen batch norms (torchvision COCO v1: 0.0; nn.BatchNorm2d: 1e-5).
+
+    Anchors
+        anchor_sizes: one size per FPN level P2..P6, in input pixels.
+        anchor_aspect_ratios: height / width ratios.
+        anchor_round: round the base anchors half-to-even (torchvision).
+        anchor_stride: "padded_div_feature" (torchvision: padded size // feature size) or "fixed" (2**level).
+
+    RPN
+        rpn_pre_nms_top_n: top-k per level on the raw objectness logits.
+        rpn_post_nms_top_n: proposals kept per image after NMS.
+        rpn_nms_threshold: IoU threshold of the per-level NMS.
+        rpn_min_size: proposals with a side < this (resized-image pixels) are dropped.
+        rpn_score_threshold: proposals with sigmoid score < this are dropped.
+        rpn_box_weights: (wx, wy, ww, wh) of the RPN box coder.
+
+    Box coder (shared by RPN and box head)
+        box_delta_clip: dw, dh limit, log(1000/16).
+        box_delta_clamp: "upper" (torchvision, Detectron2), "symmetric" (mmdet) or "none" (matterport).
+
+    RoI pooling
+        box_pool_size, mask_pool_size: RoIAlign output sizes.
+        roi_sampling_ratio: samples per bin per axis; 0 is adaptive.
+        roi_aligned: half-pixel offset (RoIAlignV2).
+        level_rule: FPN level assignment, see :class:`kernels.roi_align.LevelRule`.
+
+    Box head and detections
+        box_coder_weights: (wx, wy, ww, wh) of the box-head coder.
+        background_index: "first" (torchvision: class 0) or "last" (Detectron2, mmdet).
+        score_threshold: candidates need score > this.
+        detection_min_size: candidates need both sides >= this (resized-image pixels).
+        nms_threshold: IoU threshold of the per-class NMS.
+        detections_per_image: at most this many detections per image.
+
+    Masks
+        mask_threshold: pasted probabilities > this are foreground.
+        paste_method: "torchvision" (30/28 box expansion, integer box, bilinear resize).
+    """
+
+    name: str = "custom"
+    # input
+    channel_order: str = "RGB"
+    input_scale: float = 255.0
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    normalize_before_resize: bool = True
+    min_size: int = 800
+    max_size: int = 1333
+    resize_rounding: str = "floor"
+    resize_method: str = "torch_bilinear"
+    size_divisibility: int = 32
+    # backbone
+    bn_eps: float = 0.0
+    # anchors
+    anchor_sizes: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
+    anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_round: bool = True
+    anchor_stride: str = "padded_div_feature"
+    # rpn
+    rpn_pre_nms_top_n: int = 1000
+    rpn_post_nms_top_n: int = 1000
+    rpn_nms_threshold: float = 0.7
+    rpn_min_size: float = 1e-3
+    rpn_score_threshold: float = 0.0
+    rpn_box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    # box coder
+    box_delta_clip: float = math.log(1000.0 / 16)
+    box_delta_clamp: str = "upper"
+    # roi pooling
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    roi_sampling_ratio: int = 2
+    roi_aligned: bool = False
+    level_rule: LevelRule = field(default_factory=LevelRule)
+    # box head and detections
+    box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    background_index: str = "first"
+    score_threshold: float = 0.05
+    detection_min_size: float = 1e-2
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+    # masks
+    mask_threshold: float = 0.5
+    paste_method: str = "torchvision"
+
+    def __post_init__(self) -> None:
+        _one_of("channel_order", self.channel_order, ("RGB", "BGR"))
+        _one_of("resize_rounding", self.resize_rounding, _RESIZE_ROUNDINGS)
+        _one_of("resize_method", self.resize_method, _RESIZE_METHODS)
+        _one_of("anchor_stride", self.anchor_stride, _ANCHOR_STRIDES)
+        _one_of("box_delta_clamp", self.box_delta_clamp, _DELTA_CLAMPS)
+        _one_of("background_index", self.background_index, _BACKGROUND)
+        _one_of("paste_method", self.paste_method, _PASTE_METHODS)
+        for name in ("pixel_mean", "pixel_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} needs 3 values (one per channel); got {getattr(self, name)!r}")
+        if any(s <= 0 for s in self.pixel_std) or self.input_scale <= 0:
+            raise ValueError("pixel_std and input_scale must be positive")
+        if not (0 < self.min_size <= self.max_size):
+            raise ValueError(f"need 0 < min_size <= max_size; got min_size={self.min_size}, max_size={self.max_size}")
+        if self.size_divisibility < 1:
+            raise ValueError(f"size_divisibility must be >= 1; got {self.size_divisibility}")
+        if len(self.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5); got {self.anchor_sizes!r}")
+        for name in ("score_threshold", "nms_threshold", "rpn_nms_threshold", "mask_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]; got {value}")
+        for name in ("detections_per_image", "rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.roi_sampling_ratio < 0:
+            raise ValueError(f"roi_sampling_ratio must be >= 0 (0 = adaptive); got {self.roi_sampling_ratio}")
+
+    def replace(self, **changes) -> "MaskRCNNConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _one_of(name: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
+
+
+#: torchvision ``maskrcnn_resnet50_fpn`` (COCO v1 weights): section A of the reference notes.
+TORCHVISION_MASKRCNN_R50_FPN = MaskRCNNConfig(name="torchvision_maskrcnn_resnet50_fpn")
+
+PRESETS: dict[str, MaskRCNNConfig] = {
+    TORCHVISION_MASKRCNN_R50_FPN.name: TORCHVISION_MASKRCNN_R50_FPN,
+}
+
+
+def get_preset(name: str) -> MaskRCNNConfig:
+    """The preset called ``name``; raises KeyError listing the known presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,171 @@
+"""The Mask R-CNN network, as separate stages: features, proposals, detections, mask probabilities.
+
+Parameter names follow torchvision's current state-dict layout (``backbone.body.*``,
+``backbone.fpn.*``, ``rpn.head.*``, ``roi_heads.box_head.*``, ``roi_heads.box_predictor.*``,
+``roi_heads.mask_head.*``, ``roi_heads.mask_predictor.*``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from engine.anchors import grid_anchors
+from engine.backbone import Backbone
+from engine.config import MaskRCNNConfig
+from engine.preprocess import ImageBatch
+from engine.roi_heads import (
+    BoxHead,
+    BoxPredictor,
+    ImageDetections,
+    MaskHead,
+    MaskPredictor,
+    postprocess_detections,
+    select_mask_probabilities,
+)
+from engine.rpn import RPNHead, flatten_levels, select_proposals
+from kernels.roi_align import multilevel_roi_align
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Sizes of the network, read from a checkpoint's tensor shapes.
+
+    Attributes:
+        blocks_per_stage: bottleneck blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
+        fpn_channels: FPN and head input width.
+        num_anchors: anchors per location (A).
+        rpn_conv_depth: 3x3 convs in the RPN head.
+        representation_size: width of the box head's fully connected layers.
+        num_classes: classifier outputs, background included.
+        num_box_classes: class-specific box regressors (num_classes, or num_classes - 1 without background).
+        mask_convs, mask_channels: the mask head's 3x3 convs and their width.
+        num_mask_classes: mask logit channels.
+    """
+
+    blocks_per_stage: tuple[int, int, int, int] = (3, 4, 6, 3)
+    fpn_channels: int = 256
+    num_anchors: int = 3
+    rpn_conv_depth: int = 1
+    representation_size: int = 1024
+    num_classes: int = 91
+    num_box_classes: int = 91
+    mask_convs: int = 4
+    mask_channels: int = 256
+    num_mask_classes: int = 91
+
+
+class _RPN(nn.Module):
+    def __init__(self, head: RPNHead) -> None:
+        super().__init__()
+        self.head = head
+
+
+class _RoIHeads(nn.Module):
+    def __init__(self, spec: ArchitectureSpec, *, box_pool_size: int) -> None:
+        super().__init__()
+        c = spec.fpn_channels
+        self.box_head = BoxHead(in_features=c * box_pool_size**2, representation_size=spec.representation_size)
+        self.box_predictor = BoxPredictor(
+            representation_size=spec.representation_size,
+            num_classes=spec.num_classes,
+            num_box_classes=spec.num_box_classes,
+        )
+        self.mask_head = MaskHead(in_channels=c, channels=spec.mask_channels, num_convs=spec.mask_convs)
+        self.mask_predictor = MaskPredictor(
+            in_channels=spec.mask_channels, channels=spec.mask_channels, num_mask_classes=spec.num_mask_classes
+        )
+
+
+class MaskRCNN(nn.Module):
+    """Predict-only Mask R-CNN with a ResNet-FPN backbone.
+
+    Args:
+        spec: network sizes (from the checkpoint).
+        config: behaviour (see :class:`engine.config.MaskRCNNConfig`).
+    """
+
+    def __init__(self, *, spec: ArchitectureSpec, config: MaskRCNNConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.backbone = Backbone(
+            blocks_per_stage=spec.blocks_per_stage, fpn_channels=spec.fpn_channels, bn_eps=config.bn_eps
+        )
+        self.rpn = _RPN(RPNHead(channels=spec.fpn_channels, num_anchors=spec.num_anchors, conv_depth=spec.rpn_conv_depth))
+        self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def features(self, batch: ImageBatch) -> list[Tensor]:
+        """FPN features [P2, P3, P4, P5, P6], each float32 [B, C, Hp / 2**k, Wp / 2**k]."""
+        return self.backbone(batch.tensor)
+
+    def proposals(self, features: list[Tensor], batch: ImageBatch) -> tuple[list[Tensor], list[Tensor]]:
+        """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i]."""
+        cfg = self.config
+        logits, deltas = self.rpn.head(features)
+        objectness, flat_deltas, per_level = flatten_levels(logits, deltas)
+        anchors = grid_anchors(
+            tuple(batch.tensor.shape[-2:]),
+            [tuple(f.shape[-2:]) for f in features],
+            sizes=cfg.anchor_sizes,
+            aspect_ratios=cfg.anchor_aspect_ratios,
+            round_anchors=cfg.anchor_round,
+            stride_mode=cfg.anchor_stride,
+            device=objectness.device,
+        )
+        return select_proposals(objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg)
+
+    def pool(self, features: list[Tensor], boxes: list[Tensor], batch: ImageBatch, *, output_size: int) -> Tensor:
+        """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out]."""
+        cfg = self.config
+        maps = features[:4]
+        scales = infer_spatial_scales(maps, batch.image_sizes)
+        first = int(round(-math.log2(scales[0])))
+        rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
+        rois = boxes_to_rois(boxes)
+        return multilevel_roi_align(
+            maps,
+            rois,
+            output_size=output_size,
+            spatial_scales=scales,
+            sampling_ratio=cfg.roi_sampling_ratio,
+            aligned=cfg.roi_aligned,
+            level_rule=rule,
+        )
+
+    def detect(self, features: list[Tensor], proposals: list[Tensor], batch: ImageBatch) -> list[ImageDetections]:
+        """Box head and post-processing: final detections per image (resized-image frame)."""
+        pooled = self.pool(features, proposals, batch, output_size=self.config.box_pool_size)
+        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        return postprocess_detections(class_logits, box_deltas, proposals, batch.image_sizes, config=self.config)
+
+    def mask_probabilities(
+        self, features: list[Tensor], detections: list[ImageDetections], batch: ImageBatch
+    ) -> list[Tensor]:
+        """Per image float32 [N_i, 28, 28]: sigmoid of each detection's class channel."""
+        boxes = [d.boxes for d in detections]
+        pooled = self.pool(features, boxes, batch, output_size=self.config.mask_pool_size)
+        logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled))
+        labels = torch.cat([d.labels for d in detections])
+        probs = select_mask_probabilities(logits, labels)
+        return list(probs.split([len(b) for b in boxes]))
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes [n_i, 4] -> float32 [sum n_i, 5] rows (image index, x1, y1, x2, y2)."""
+    rows = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(rows, dim=0)
+
+
+def infer_spatial_scales(maps: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[float]:
+    """Scale of each map relative to the input, as torchvision's ``MultiScaleRoIAlign`` infers it.
+
+    ``2 ** round(log2(map_height / max_image_height))`` with the largest resized image height of the batch.
+    """
+    max_h = max(h for h, _ in image_sizes)
+    return [2.0 ** round(math.log2(m.shape[-2] / max_h)) for m in maps]

@@ -1,0 +1,141 @@
+"""``Predictor``: a checkpoint in, instance masks out.
+
+    predictor = Predictor("maskrcnn_resnet50_fpn_coco.pth", device="cuda")
+    results = predictor.run(images)      # list of uint8 HxWx3 RGB arrays, or one array
+
+The steps are kept apart, as in torchvision and Detectron2: :meth:`Predictor.preprocess`
+(normalise, resize, pad), the network stages of :class:`engine.model.MaskRCNN`, and
+:func:`engine.postprocess.to_original_frame` (boxes to the input frame, mask paste-back).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.config import MaskRCNNConfig
+from engine.postprocess import to_original_frame
+from engine.preprocess import ImageBatch, preprocess
+from engine.results import Detections
+from weights import build_model, load_checkpoint
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device, with a clear error when CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was requested but CUDA is not available on this machine; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    return dev
+
+
+def validate_images(images) -> list[np.ndarray]:
+    """Check the caller's images; returns them as a list (the arrays themselves are not copied or modified).
+
+    Accepted: one uint8 numpy array [H, W, 3] (RGB), or a list/tuple of them, any mix of sizes, H, W >= 1.
+    """
+    if isinstance(images, np.ndarray):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(
+            f"images must be a uint8 numpy array [H, W, 3] (RGB) or a list of them; got {type(images).__name__}"
+        )
+    for i, im in enumerate(images):
+        if not isinstance(im, np.ndarray):
+            raise TypeError(f"images[{i}] is a {type(im).__name__}; expected a uint8 numpy array [H, W, 3] in RGB order")
+        if im.dtype != np.uint8:
+            raise TypeError(f"images[{i}] has dtype {im.dtype}; expected uint8 [H, W, 3] RGB")
+        if im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"images[{i}] has shape {im.shape}; expected [H, W, 3] (RGB)")
+        if im.shape[0] < 1 or im.shape[1] < 1:
+            raise ValueError(f"images[{i}] has shape {im.shape}; height and width must be at least 1")
+    return list(images)
+
+
+class Predictor:
+    """Runs a pretrained Mask R-CNN checkpoint on batches of images.
+
+    Args:
+        weights: path to a torchvision Mask R-CNN ``.pth`` state dict, or the state dict itself
+            (not modified).
+        device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
+            on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
+        config: full configuration; by default the checkpoint family's preset (torchvision
+            ``maskrcnn_resnet50_fpn``, batch-norm eps read from the file).
+        score_threshold, nms_threshold, detections_per_image, mask_threshold: override those
+            fields of the configuration.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | Mapping[str, Tensor],
+        *,
+        device: str | torch.device = "cpu",
+        config: MaskRCNNConfig | None = None,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        detections_per_image: int | None = None,
+        mask_threshold: float | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        checkpoint = load_checkpoint(weights)
+        config = checkpoint.config if config is None else config
+        overrides = {
+            "score_threshold": score_threshold,
+            "nms_threshold": nms_threshold,
+            "detections_per_image": detections_per_image,
+            "mask_threshold": mask_threshold,
+        }
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        self.config = config.replace(**changes) if changes else config
+        self.family = checkpoint.family
+        self.model = build_model(checkpoint, config=self.config).to(self.device)
+
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs of the checkpoint, background included."""
+        return self.model.spec.num_classes
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> ImageBatch:
+        """Validated images -> the padded, normalised batch on the predictor's device."""
+        return preprocess(validate_images(images), config=self.config, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, images) -> list[Detections]:
+        """Detect and segment instances.
+
+        Args:
+            images: uint8 numpy array [H, W, 3] in RGB order, or a list of them of any sizes.
+                They go through the backbone as one padded batch. Not modified.
+
+        Returns:
+            One :class:`engine.results.Detections` per image (tensors on the predictor's device),
+            in the order given; ``[]`` for an empty list.
+        """
+        images = validate_images(images)
+        if not images:
+            return []
+        batch = preprocess(images, config=self.config, device=self.device)
+        model = self.model
+        features = model.features(batch)
+        proposals, _ = model.proposals(features, batch)
+        detections = model.detect(features, proposals, batch)
+        mask_probs = model.mask_probabilities(features, detections, batch)
+        return to_original_frame(
+            detections,
+            mask_probs,
+            image_sizes=batch.image_sizes,
+            original_sizes=batch.original_sizes,
+            config=self.config,
+        )

@@ -1,0 +1,152 @@
+"""Second stage: box head, detection post-processing, mask head.
+
+Detection post-processing reproduces torchvision's ``RoIHeads.postprocess_detections``:
+class-specific decoding with weights (10, 10, 5, 5), softmax, clipping to the resized
+image, dropping the background column, score > threshold, both sides >= min size,
+per-class NMS, and the best ``detections_per_image``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.boxes import clip_boxes, decode_deltas, large_enough
+from engine.config import MaskRCNNConfig
+from kernels.nms import batched_nms
+
+
+class BoxHead(nn.Module):
+    """Two fully connected layers with ReLU on flattened pooled features (torchvision ``TwoMLPHead``).
+
+    Input float32 [R, C, 7, 7]; output float32 [R, representation_size].
+    """
+
+    def __init__(self, *, in_features: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class BoxPredictor(nn.Module):
+    """Class logits [R, K] and class-specific deltas [R, 4 * K_box] (K_box = K with a background row, else K - 1)."""
+
+    def __init__(self, *, representation_size: int, num_classes: int, num_box_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(representation_size, num_classes)
+        self.bbox_pred = nn.Linear(representation_size, num_box_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskHead(nn.Sequential):
+    """``num_convs`` 3x3 convs with ReLU (torchvision ``MaskRCNNHeads``): [R, C, 14, 14] -> [R, channels, 14, 14].
+
+    A Sequential of Sequential(conv), so that parameters are named ``{i}.0.weight`` as in torchvision.
+    """
+
+    def __init__(self, *, in_channels: int, channels: int, num_convs: int) -> None:
+        super().__init__(
+            *(nn.Sequential(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)) for i in range(num_convs))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self:
+            x = F.relu(block(x))
+        return x
+
+
+class MaskPredictor(nn.Module):
+    """2x2 stride-2 transposed conv + ReLU, then 1x1 conv to per-class mask logits [R, K_mask, 28, 28]."""
+
+    def __init__(self, *, in_channels: int, channels: int, num_mask_classes: int) -> None:
+        super().__init__()
+        self.conv5_mask = nn.ConvTranspose2d(in_channels, channels, 2, stride=2)
+        self.mask_fcn_logits = nn.Conv2d(channels, num_mask_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    """Detections of one image in the resized-image frame (before paste-back).
+
+    Attributes:
+        boxes: float32 [N, 4], x1 y1 x2 y2, resized-image pixels.
+        scores: float32 [N], descending.
+        labels: int64 [N], the checkpoint's class indices.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+
+def postprocess_detections(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    *,
+    config: MaskRCNNConfig,
+) -> list[ImageDetections]:
+    """Turn box-head outputs into final detections per image.
+
+    Args:
+        class_logits: float32 [R, K], R = sum of proposals over images, in image order.
+        box_deltas: float32 [R, 4 * K_box].
+        proposals: per image float32 [P_i, 4], resized-image pixels.
+        image_sizes: resized (h, w) per image.
+
+    Returns:
+        One :class:`ImageDetections` per image.
+    """
+    num_classes = class_logits.shape[1]
+    num_box_classes = box_deltas.shape[1] // 4
+    reference = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
+    boxes_all = decode_deltas(
+        box_deltas, reference, weights=config.box_coder_weights, clip=config.box_delta_clip, clamp=config.box_delta_clamp
+    ).reshape(-1, num_box_classes, 4)
+    scores_all = F.softmax(class_logits, -1)
+
+    if config.background_index == "first":
+        fg = slice(1, num_classes)
+        box_fg = slice(1, num_box_classes) if num_box_classes == num_classes else slice(0, num_box_classes)
+        labels_fg = torch.arange(1, num_classes, device=class_logits.device)
+    else:  # background is the last class
+        fg = slice(0, num_classes - 1)
+        box_fg = slice(0, num_classes - 1)
+        labels_fg = torch.arange(0, num_classes - 1, device=class_logits.device)
+
+    results = []
+    for boxes, scores, size in zip(
+        boxes_all.split([len(p) for p in proposals]), scores_all.split([len(p) for p in proposals]), image_sizes
+    ):
+        boxes = clip_boxes(boxes, size)[:, box_fg].reshape(-1, 4)
+        scores = scores[:, fg]
+        labels = labels_fg.view(1, -1).expand_as(scores).reshape(-1)
+        scores = scores.reshape(-1)
+        keep = scores > config.score_threshold
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = large_enough(boxes, config.detection_min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, config.nms_threshold)[: config.detections_per_image]
+        results.append(ImageDetections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep]))
+    return results
+
+
+def select_mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """Sigmoid of each detection's own class channel: [R, K_mask, M, M] logits -> float32 [R, M, M]."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.new_zeros((0,) + tuple(mask_logits.shape[2:]))
+    index = torch.arange(mask_logits.shape[0], device=mask_logits.device)
+    return mask_logits[index, labels].sigmoid()

@@ -1,0 +1,113 @@
+"""Region proposal network: the shared head, and proposal selection per image.
+
+Selection reproduces torchvision's ``RegionProposalNetwork.filter_proposals`` at test time:
+per level, top-k on the raw objectness logits; sigmoid; clip to the resized image;
+drop boxes with a side < ``rpn_min_size``; drop scores < ``rpn_score_threshold``;
+NMS per level; keep the best ``rpn_post_nms_top_n`` of the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.boxes import clip_boxes, decode_deltas, large_enough
+from engine.config import MaskRCNNConfig
+from kernels.nms import batched_nms
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU (``conv_depth`` times), then 1x1 objectness (A) and 1x1 deltas (4A), shared by all levels."""
+
+    def __init__(self, *, channels: int, num_anchors: int, conv_depth: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            *(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1)) for _ in range(conv_depth))
+        )
+        self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level: objectness logits [B, A, h, w] and deltas [B, 4A, h, w]."""
+        logits, deltas = [], []
+        for x in features:
+            t = x
+            for block in self.conv:
+                t = F.relu(block(t))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+def flatten_levels(logits: list[Tensor], deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
+    """Head outputs in anchor order (level, y, x, anchor).
+
+    Returns:
+        objectness float32 [B, total], deltas float32 [B, total, 4], anchors per level.
+    """
+    flat_logits, flat_deltas, counts = [], [], []
+    for lg, dl in zip(logits, deltas):
+        b, a, h, w = lg.shape
+        flat_logits.append(lg.permute(0, 2, 3, 1).reshape(b, -1))
+        flat_deltas.append(dl.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
+        counts.append(h * w * a)
+    return torch.cat(flat_logits, 1), torch.cat(flat_deltas, 1), counts
+
+
+def select_proposals(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: list[Tensor],
+    anchors_per_level: list[int],
+    image_sizes: list[tuple[int, int]],
+    *,
+    config: MaskRCNNConfig,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Decode, rank and suppress proposals for each image.
+
+    Args:
+        objectness: float32 [B, total] logits in anchor order.
+        deltas: float32 [B, total, 4].
+        anchors: per level float32 [n_l, 4] in padded-image pixels (the same for every image).
+        anchors_per_level: n_l per level.
+        image_sizes: resized (h, w) per image, used for clipping.
+
+    Returns:
+        proposals: per image float32 [P_i, 4], x1 y1 x2 y2 in resized-image pixels, by descending score;
+        scores: per image float32 [P_i] objectness probabilities.
+    """
+    num_images = objectness.shape[0]
+    all_anchors = torch.cat(anchors)
+
+    # top-k per level on the raw logits
+    top_idx, top_levels, offset = [], [], 0
+    for level, count in enumerate(anchors_per_level):
+        k = min(config.rpn_pre_nms_top_n, count)
+        _, idx = objectness[:, offset : offset + count].topk(k, dim=1)
+        top_idx.append(idx + offset)
+        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
+        offset += count
+    top_idx = torch.cat(top_idx, dim=1)
+    levels = torch.cat(top_levels)
+    rows = torch.arange(num_images, device=objectness.device)[:, None]
+    scores = torch.sigmoid(objectness[rows, top_idx])
+    # decoding is elementwise, so decoding only the selected anchors gives the same boxes
+    boxes = decode_deltas(
+        deltas[rows, top_idx].reshape(-1, 4),
+        all_anchors[top_idx].reshape(-1, 4),
+        weights=config.rpn_box_weights,
+        clip=config.box_delta_clip,
+        clamp=config.box_delta_clamp,
+    ).view(num_images, -1, 4)
+
+    proposals, proposal_scores = [], []
+    for i in range(num_images):
+        b = clip_boxes(boxes[i], image_sizes[i])
+        s, lv = scores[i], levels
+        keep = large_enough(b, config.rpn_min_size) & (s >= config.rpn_score_threshold)
+        b, s, lv = b[keep], s[keep], lv[keep]
+        keep = batched_nms(b, s, lv, config.rpn_nms_threshold)[: config.rpn_post_nms_top_n]
+        proposals.append(b[keep])
+        proposal_scores.append(s[keep])
+    return proposals, proposal_scores

@@ -1,0 +1,102 @@
+"""Predictor behaviour on the tiny network: input forms, empty results, thresholds, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Predictor
+from tiny import TINY_CONFIG, tiny_state_dict
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(tiny_state_dict(), config=TINY_CONFIG)
+
+
+def image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def check_result(r, hw):
+    n = len(r)
+    assert r.boxes.shape == (n, 4) and r.boxes.dtype == torch.float32
+    assert r.scores.shape == (n,) and r.scores.dtype == torch.float32
+    assert r.labels.shape == (n,) and r.labels.dtype == torch.int64
+    assert r.masks.shape == (n,) + hw and r.masks.dtype == torch.bool
+    assert r.image_size == hw
+    assert torch.all(r.scores[:-1] >= r.scores[1:])
+
+
+def test_mixed_sizes_batch(predictor):
+    images = [image(60, 80), image(97, 45, 1), image(33, 33, 2)]
+    before = [im.copy() for im in images]
+    results = predictor.run(images)
+    assert len(results) == 3
+    for r, im in zip(results, images):
+        check_result(r, im.shape[:2])
+    assert sum(len(r) for r in results) > 0, "the tiny checkpoint should detect something"
+    for a, b in zip(before, images):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_single_array_and_batch_agree(predictor):
+    im = image(70, 50, 3)
+    single = predictor.run(im)
+    assert len(single) == 1
+    batched = predictor.run([im])[0]
+    torch.testing.assert_close(single[0].boxes, batched.boxes)
+
+
+def test_non_contiguous_input(predictor):
+    im = image(64, 48, 4)
+    flipped = im[:, ::-1]
+    r1 = predictor.run([flipped])[0]
+    r2 = predictor.run([np.ascontiguousarray(flipped)])[0]
+    torch.testing.assert_close(r1.boxes, r2.boxes)
+
+
+def test_empty_list(predictor):
+    assert predictor.run([]) == []
+
+
+def test_zero_detections_are_well_formed():
+    p = Predictor(tiny_state_dict(), config=TINY_CONFIG, score_threshold=1.0)
+    results = p.run([image(40, 50), image(20, 30, 1)])
+    for r, hw in zip(results, [(40, 50), (20, 30)]):
+        assert len(r) == 0
+        check_result(r, hw)
+
+
+def test_threshold_overrides():
+    p = Predictor(tiny_state_dict(), config=TINY_CONFIG, detections_per_image=3, mask_threshold=0.9, nms_threshold=0.3)
+    assert p.config.detections_per_image == 3 and p.config.mask_threshold == 0.9 and p.config.nms_threshold == 0.3
+    assert all(len(r) <= 3 for r in p.run([image(60, 60)]))
+    with pytest.raises(ValueError, match="score_threshold must lie in"):
+        Predictor(tiny_state_dict(), score_threshold=2.0)
+
+
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        ("not an image", TypeError, "uint8 numpy array"),
+        ([np.zeros((10, 10, 3), np.float32)], TypeError, "dtype float32"),
+        ([np.zeros((10, 10), np.uint8)], ValueError, r"shape \(10, 10\)"),
+        ([np.zeros((10, 10, 4), np.uint8)], ValueError, "expected"),
+        ([np.zeros((0, 10, 3), np.uint8)], ValueError, "at least 1"),
+        ([torch.zeros(10, 10, 3, dtype=torch.uint8)], TypeError, "images\\[0\\] is a Tensor"),
+    ],
+)
+def test_bad_input(predictor, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        predictor.run(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Predictor(tiny_state_dict(), device="cuda")
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="device must be"):
+        Predictor(tiny_state_dict(), device="tpu")

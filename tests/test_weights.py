@@ -1,0 +1,105 @@
+"""Checkpoint loading: layouts, legacy names, eps, and clear errors for bad files."""
+
+import pytest
+import torch
+
+from checkpoints import legacy_state_dict
+from tiny import TINY_SPEC, tiny_state_dict
+from weights import CheckpointError, load_checkpoint
+from weights.torchvision import architecture, rename_legacy_keys
+
+
+def test_reads_file_and_state_dict_alike(tmp_path):
+    state = tiny_state_dict()
+    path = tmp_path / "tiny.pth"
+    torch.save(state, path)
+    from_file, from_dict = load_checkpoint(path), load_checkpoint(state)
+    assert from_file.spec == from_dict.spec == TINY_SPEC
+    assert from_file.family == "torchvision"
+    assert from_file.state_dict.keys() == from_dict.state_dict.keys()
+
+
+def test_legacy_names_are_accepted():
+    state = tiny_state_dict()
+    legacy = legacy_state_dict(state)
+    assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn1.weight" in legacy
+    assert "backbone.fpn.inner_blocks.0.weight" in legacy
+    assert rename_legacy_keys(legacy).keys() == state.keys()
+    loaded = load_checkpoint(legacy)
+    assert loaded.spec == TINY_SPEC
+
+
+def test_eps_follows_num_batches_tracked():
+    state = tiny_state_dict()
+    assert load_checkpoint(state).config.bn_eps == 0.0
+    state["backbone.body.bn1.num_batches_tracked"] = torch.tensor(0)
+    loaded = load_checkpoint(state)
+    assert loaded.config.bn_eps == 1e-5
+    assert not any(k.endswith("num_batches_tracked") for k in loaded.state_dict)
+
+
+def test_half_precision_is_upcast():
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny_state_dict().items()}
+    loaded = load_checkpoint(state)
+    assert all(v.dtype == torch.float32 for v in loaded.state_dict.values())
+
+
+def test_caller_state_dict_not_modified():
+    state = legacy_state_dict(tiny_state_dict())
+    keys = list(state)
+    snapshot = {k: v.clone() for k, v in state.items()}
+    from engine import Predictor
+
+    Predictor(state)
+    assert list(state) == keys
+    assert all(torch.equal(state[k], snapshot[k]) for k in keys)
+
+
+def test_sizes_read_from_shapes():
+    spec = architecture(tiny_state_dict())
+    assert spec.blocks_per_stage == (1, 1, 1, 1) and spec.fpn_channels == 16 and spec.num_classes == 5
+
+
+def test_missing_unexpected_and_misshaped_are_listed():
+    from engine import Predictor
+
+    state = tiny_state_dict()
+    del state["backbone.body.layer2.0.bn2.running_var"]
+    state["roi_heads.extra.weight"] = torch.zeros(3)
+    state["rpn.head.bbox_pred.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointError) as err:
+        Predictor(state)
+    msg = str(err.value)
+    assert "missing (1): backbone.body.layer2.0.bn2.running_var" in msg
+    assert "unexpected (1): roi_heads.extra.weight" in msg
+    assert "wrong shape (1): rpn.head.bbox_pred.bias (5,) (expected (12,))" in msg
+
+
+def test_not_a_maskrcnn_checkpoint():
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint({"fc.weight": torch.zeros(2, 2)})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="could not read"):
+        load_checkpoint(path)
+
+
+def test_wrong_container(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not tensors"):
+        load_checkpoint({"model": {"a": torch.zeros(1)}})
+    with pytest.raises(TypeError, match="path to a .pth file or a state dict"):
+        load_checkpoint(42)

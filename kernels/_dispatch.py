@@ -2,9 +2,15 @@
 
 Every kernel in this package has two implementations with the same signature:
 the Triton kernel (used for CUDA tensors) and a plain-PyTorch reference (used on
-CPU, and the oracle in tests). Setting the environment variable
-``ENGINE_FORCE_REFERENCE=1`` makes every dispatcher pick the reference, on any
-device; it is read at each call so tests can flip it.
+CPU, and the oracle in tests). Two environment switches, read at each call so
+tests can flip them:
+
+- ``ENGINE_FORCE_REFERENCE=1`` makes every dispatcher pick the reference, on any device;
+- ``ENGINE_FORCE_TRITON=1`` makes every dispatcher pick the Triton kernel, on any device.
+  For CPU tensors that needs Triton's interpreter (``TRITON_INTERPRET=1`` set before
+  triton is imported); the tests use it to run the whole pipeline through the kernels.
+
+The first wins when both are set.
 """
 
 from __future__ import annotations
@@ -14,13 +20,25 @@ import os
 import torch
 
 FORCE_REFERENCE_ENV = "ENGINE_FORCE_REFERENCE"
+FORCE_TRITON_ENV = "ENGINE_FORCE_TRITON"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def references_forced() -> bool:
-    """True when ``ENGINE_FORCE_REFERENCE`` is set to a true value (1, true, yes)."""
-    return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when ``ENGINE_FORCE_REFERENCE`` is set to a true value (1, true, yes, on)."""
+    return _env_flag(FORCE_REFERENCE_ENV)
+
+
+def triton_forced() -> bool:
+    """True when ``ENGINE_FORCE_TRITON`` is set to a true value and references are not forced."""
+    return _env_flag(FORCE_TRITON_ENV) and not references_forced()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a dispatcher should run the Triton kernel for data on ``tensor``'s device."""
-    return tensor.is_cuda and not references_forced()
+    if references_forced():
+        return False
+    return tensor.is_cuda or triton_forced()

@@ -1,0 +1,452 @@
+"""Mask paste-back: per-detection MxM mask probabilities -> full-image masks.
+
+Reproduces torchvision's ``paste_masks_in_image(masks[:, None], boxes, (H, W),
+padding=1)`` (``torchvision.models.detection.roi_heads``), optionally followed
+by the ``> threshold`` that callers apply to its output. For every detection:
+
+1. the MxM mask is zero-padded by ``padding`` on each side (``P = M + 2p``);
+2. its box is expanded about its centre by ``scale = P / M`` in float32
+   (``w_half = (x2 - x1) * 0.5 * scale``, ``x_c = (x2 + x1) * 0.5``, ...) and the
+   expanded corners are truncated toward zero to int64 (``.to(torch.int64)``);
+3. the padded mask is resized to ``(h, w)`` with ``h = max(y2 - y1 + 1, 1)``,
+   ``w = max(x2 - x1 + 1, 1)`` exactly as ``F.interpolate(mode="bilinear",
+   align_corners=False)`` does (float32 ``scale = P / out``, source index
+   ``max(scale * (dst + 0.5) - 0.5, 0)``, floor, +1 neighbour unless on the last
+   row/column, linear weights);
+4. the resized mask is written into a zero ``(H, W)`` plane at rows
+   ``[y1, y2 + 1)`` and columns ``[x1, x2 + 1)`` clipped to the image.
+
+Coordinates are original-image pixels (x to the right, y down). Boxes whose
+expanded integer box misses the image contribute nothing (an all-zero plane);
+torchvision raises a shape error for most of those instead.
+
+Three functions share one signature: :func:`paste_masks_reference` (plain
+PyTorch, the CPU path and the test oracle), :func:`paste_masks_triton` (one
+Triton launch for all detections of a batch) and the dispatcher
+:func:`paste_masks`.
+
+Exactness: the reference calls ``F.interpolate`` itself, so it is bit-identical
+to torchvision on every device. The Triton kernel computes the integer boxes
+with torch's float32 operations (no FMA contraction, IEEE division), so it
+places every detection identically, and reproduces torch's bilinear
+arithmetic: the source index ``scale * (dst + 0.5) - 0.5`` rounded once (torch's
+kernels are compiled with FMA contraction) and ``wy0 * (wx0 * a + wx1 * b) +
+wy1 * (wx0 * c + wx1 * d)`` with each ``p * q + r`` fused. Under the interpreter
+(CPU tensors) it also mimics torch's CPU kernel for small outputs (``h + w <=
+128``: four taps with product weights, summed in order) and is bit-identical to
+torchvision on CPU. On CUDA the fused nested form is what torch's CUDA kernel
+compiles to as far as we know; this has not been checked bit for bit on a GPU,
+and any difference is a few float32 ulps (a thresholded pixel can then only flip
+where the probability is within ulps of the threshold).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels._dispatch import use_triton
+
+try:  # Triton is a Linux-only dependency; the reference works without it.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["paste_masks", "paste_masks_reference", "paste_masks_triton"]
+
+# Tile of image pixels handled per program / loop iteration of the kernel.
+_BLOCK_H = 32
+_BLOCK_W = 64
+_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------
+# Input checking (shared by every implementation)
+# --------------------------------------------------------------------------------------
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
+    return f"{type(x).__name__} {x!r}"[:200]
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} must be an int; got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int; got {_describe(value)}") from None
+
+
+def _check_inputs(masks, boxes, counts, image_sizes, threshold, padding):
+    """Validates the arguments; returns (counts, sizes, threshold as float32-rounded float or None, padding)."""
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"masks must be a torch.Tensor float32 [N, M, M]; got {_describe(masks)}")
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be a torch.Tensor float32 [N, 4]; got {_describe(boxes)}")
+    if masks.dim() != 3 or masks.shape[1] != masks.shape[2] or masks.shape[1] < 1:
+        raise ValueError(
+            f"masks must have shape [N, M, M] with M >= 1 (squeeze a channel dim first); got {_describe(masks)}"
+        )
+    if masks.dtype != torch.float32:
+        raise TypeError(f"masks must be float32; got {masks.dtype}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [N, 4] (x1 y1 x2 y2); got {_describe(boxes)}")
+    if boxes.dtype != torch.float32:
+        raise TypeError(f"boxes must be float32; got {boxes.dtype}")
+    if boxes.shape[0] != masks.shape[0]:
+        raise ValueError(f"boxes [N, 4] and masks [N, M, M] must have the same N; got {boxes.shape[0]} and {masks.shape[0]}")
+    if boxes.device != masks.device:
+        raise ValueError(f"masks and boxes must be on the same device; got {masks.device} and {boxes.device}")
+
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, (Sequence, Tensor)):
+        raise TypeError(f"counts must be a sequence of ints (detections per image); got {_describe(counts)}")
+    counts = [_as_int(c, "each entry of counts") for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"counts must be non-negative; got {counts}")
+    if sum(counts) != masks.shape[0]:
+        raise ValueError(f"sum(counts) must equal N = {masks.shape[0]} (rows of masks/boxes); got counts {counts}")
+
+    if isinstance(image_sizes, (str, bytes)) or not isinstance(image_sizes, (Sequence, Tensor)):
+        raise TypeError(f"image_sizes must be a sequence of (H, W) int pairs; got {_describe(image_sizes)}")
+    sizes = []
+    for s in image_sizes:
+        if isinstance(s, (str, bytes)) or not isinstance(s, (Sequence, Tensor)) or len(s) != 2:
+            raise ValueError(f"each entry of image_sizes must be an (H, W) pair; got {_describe(s)}")
+        h, w = (_as_int(v, "image height/width") for v in s)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image sizes must be positive; got (H, W) = ({h}, {w})")
+        sizes.append((h, w))
+    if len(sizes) != len(counts):
+        raise ValueError(f"counts and image_sizes must have one entry per image; got {len(counts)} and {len(sizes)}")
+
+    if threshold is not None:
+        if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+            raise TypeError(f"threshold must be a float or None; got {_describe(threshold)}")
+        # torch compares float32 tensors with a Python scalar in float32.
+        threshold = float(np.float32(threshold))
+    padding = _as_int(padding, "padding")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0; got {padding}")
+    return counts, sizes, threshold, padding
+
+
+def _box_scale(mask_size: int, padding: int) -> float:
+    """torchvision's expansion factor (M + 2p) / M, rounded to float32 as torch does for `tensor *= float`."""
+    return float(np.float32(float(mask_size + 2 * padding) / mask_size))
+
+
+def _outside_value(threshold) -> bool:
+    """Thresholded value of pixels outside every box: they are 0, so ``0 > threshold``."""
+    return threshold is not None and 0.0 > threshold
+
+
+# --------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+# --------------------------------------------------------------------------------------
+
+
+def _expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """int64 [N, 4]: boxes expanded about their centres by `scale` (float32), truncated toward zero."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    half_w = (x2 - x1) * 0.5 * scale
+    half_h = (y2 - y1) * 0.5 * scale
+    cx = (x2 + x1) * 0.5
+    cy = (y2 + y1) * 0.5
+    return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=1).to(torch.int64)
+
+
+def paste_masks_reference(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+    """Pastes per-detection masks into their images (plain PyTorch; CPU path and test oracle).
+
+    Args:
+        masks: float32 [N, M, M] mask probabilities (M >= 1), detections of all
+            images concatenated image after image.
+        boxes: float32 [N, 4] x1 y1 x2 y2 in each detection's original-image pixels.
+        counts: host ints, detections per image; sum(counts) == N.
+        image_sizes: host (H, W) int pairs, one per image.
+        threshold: float -> torch.bool masks ``prob > threshold``; None -> float32
+            probabilities (what torchvision's ``paste_masks_in_image`` returns).
+        padding: zero border added to each mask before resizing (torchvision: 1).
+
+    Returns:
+        One tensor per image, [n_i, H_i, W_i], torch.bool (thresholded) or float32,
+        on masks' device. Inputs are not modified.
+
+    Each detection resizes its padded mask only to its own box size and writes the
+    part inside the image; no full-image float temporaries are made.
+    """
+    counts, sizes, thr, padding = _check_inputs(masks, boxes, counts, image_sizes, threshold, padding)
+    thresholded = thr is not None
+    dtype = torch.bool if thresholded else torch.float32
+    fill = _outside_value(thr)
+    outs = [torch.full((n, h, w), fill, dtype=dtype, device=masks.device) for n, (h, w) in zip(counts, sizes)]
+    n_total, m = masks.shape[0], masks.shape[-1]
+    if n_total == 0:
+        return outs
+    int_boxes = _expanded_int_boxes(boxes, _box_scale(m, padding)).tolist()
+    det = 0
+    for out, n, (im_h, im_w) in zip(outs, counts, sizes):
+        for j in range(n):
+            bx1, by1, bx2, by2 = int_boxes[det]
+            w = max(bx2 - bx1 + 1, 1)
+            h = max(by2 - by1 + 1, 1)
+            x0, x1 = max(bx1, 0), min(bx2 + 1, im_w)
+            y0, y1 = max(by1, 0), min(by2 + 1, im_h)
+            if x1 > x0 and y1 > y0:
+                padded = F.pad(masks[det][None, None], (padding,) * 4)
+                resized = F.interpolate(padded, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                crop = resized[y0 - by1 : y1 - by1, x0 - bx1 : x1 - bx1]
+                out[j, y0:y1, x0:x1] = crop > thr if thresholded else crop
+            det += 1
+    return outs
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel and launcher
+# --------------------------------------------------------------------------------------
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _fma(a, b, c, EMULATE_FMA: tl.constexpr):
+        """a * b + c rounded once, for float32 tensors of one shape (what torch's compiled
+        kernels get from FMA contraction)."""
+        if EMULATE_FMA:
+            # Triton's interpreter rounds its fma twice; a float32 product is exact in float64.
+            return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+        else:
+            return tl.math.fma(a, b, c)
+
+    @triton.jit
+    def _linear_taps(dst, scale, in_size, EMULATE_FMA: tl.constexpr):
+        """Taps of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis.
+
+        dst: int tensor of destination indices (relative to the box); scale: float32 in / out;
+        in_size: input length. Returns (i0, i1, lambda0, lambda1) with
+        src = max(scale * (dst + 0.5) - 0.5, 0), i0 = floor(src), i1 = i0 + 1 except on the
+        last input index, lambda1 = src - i0, lambda0 = 1 - lambda1.
+        """
+        dst_f = dst.to(tl.float32) + 0.5
+        src = _fma(tl.zeros_like(dst_f) + scale, dst_f, tl.zeros_like(dst_f) - 0.5, EMULATE_FMA)
+        src = tl.maximum(src, 0.0)
+        i0 = src.to(tl.int32)  # floor: src >= 0
+        lam1 = src - i0.to(tl.float32)
+        lam0 = 1.0 - lam1
+        i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
+        return i0, i1, lam0, lam1
+
+    # M and PAD stay runtime ints: Triton would otherwise turn a value of 1 into a constexpr.
+    @triton.jit(do_not_specialize=["M", "PAD"])
+    def _paste_masks_kernel(
+        masks_ptr,  # float32 [N, M, M], contiguous
+        boxes_ptr,  # float32 [N, 4], contiguous
+        meta_ptr,  # int64 [N, 3]: (element offset of the detection's plane in out, H, W)
+        out_ptr,  # uint8 (thresholded) or float32 flat buffer, pre-filled with the outside value
+        M,  # mask side
+        PAD,  # zero padding per side
+        box_scale,  # float32 (M + 2 * PAD) / M
+        THRESHOLD: tl.constexpr,  # float32-representable threshold (used when APPLY_THRESHOLD)
+        APPLY_THRESHOLD: tl.constexpr,
+        EMULATE_FMA: tl.constexpr,  # True under the interpreter (no true fma there)
+        TORCH_CPU_SMALL_PATH: tl.constexpr,  # mimic torch's CPU kernel for h + w <= 128 outputs
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        # Program (d, band): detection d, image rows [band * BLOCK_H, band * BLOCK_H + BLOCK_H).
+        d = tl.program_id(0).to(tl.int64)
+        band = tl.program_id(1)
+
+        # Expanded integer box: torchvision's expand_boxes steps, float32, unfused.
+        x1f = tl.load(boxes_ptr + d * 4 + 0)
+        y1f = tl.load(boxes_ptr + d * 4 + 1)
+        x2f = tl.load(boxes_ptr + d * 4 + 2)
+        y2f = tl.load(boxes_ptr + d * 4 + 3)
+        w_half = (x2f - x1f) * 0.5
+        h_half = (y2f - y1f) * 0.5
+        x_c = (x2f + x1f) * 0.5
+        y_c = (y2f + y1f) * 0.5
+        w_half = w_half * box_scale
+        h_half = h_half * box_scale
+        bx1 = (x_c - w_half).to(tl.int64)  # truncation toward zero
+        by1 = (y_c - h_half).to(tl.int64)
+        bx2 = (x_c + w_half).to(tl.int64)
+        by2 = (y_c + h_half).to(tl.int64)
+        box_w = tl.maximum(bx2 - bx1 + 1, 1)
+        box_h = tl.maximum(by2 - by1 + 1, 1)
+
+        plane = tl.load(meta_ptr + d * 3 + 0)
+        im_h = tl.load(meta_ptr + d * 3 + 1)
+        im_w = tl.load(meta_ptr + d * 3 + 2)
+
+        # Paste region clipped to the image, intersected with this band of rows.
+        col_lo = tl.maximum(bx1, 0)
+        col_hi = tl.minimum(bx2 + 1, im_w)
+        row_lo = tl.maximum(by1, 0)
+        row_hi = tl.minimum(by2 + 1, im_h)
+        band_start = band * BLOCK_H
+        row_lo = tl.maximum(row_lo, band_start)
+        row_hi = tl.minimum(row_hi, band_start + BLOCK_H)
+        # Empty column loop when the band misses the box.
+        col_end = tl.where(row_lo < row_hi, col_hi, col_lo)
+
+        p_in = M + 2 * PAD  # side of the padded mask
+        p_in_f = p_in.to(tl.float32)
+        scale_y = tl.math.div_rn(p_in_f, box_h.to(tl.float32))
+        scale_x = tl.math.div_rn(p_in_f, box_w.to(tl.float32))
+        small_box = (box_h + box_w) <= 128
+
+        # Per-row taps; padded row -> mask row, rows in the padding read as 0.
+        rows = band_start + tl.arange(0, BLOCK_H)
+        row_ok = (rows >= row_lo) & (rows < row_hi)
+        iy0, iy1, ly0, ly1 = _linear_taps(rows - by1, scale_y, p_in, EMULATE_FMA)
+        my0 = iy0 - PAD
+        my1 = iy1 - PAD
+        my0_ok = (row_ok & (my0 >= 0) & (my0 < M))[:, None]
+        my1_ok = (row_ok & (my1 >= 0) & (my1 < M))[:, None]
+        wy0 = tl.broadcast_to(ly0[:, None], (BLOCK_H, BLOCK_W))
+        wy1 = tl.broadcast_to(ly1[:, None], (BLOCK_H, BLOCK_W))
+
+        mask_base = masks_ptr + d * M * M
+        row0_ptr = mask_base + (my0 * M)[:, None]
+        row1_ptr = mask_base + (my1 * M)[:, None]
+        out_rows = out_ptr + plane + (rows.to(tl.int64) * im_w)[:, None]
+        row_ok = row_ok[:, None]
+        cols_in_tile = tl.arange(0, BLOCK_W)
+
+        for col_start in range(col_lo, col_end, BLOCK_W):
+            cols = col_start + cols_in_tile
+            col_ok = cols < col_hi
+            ix0, ix1, lx0, lx1 = _linear_taps(cols - bx1, scale_x, p_in, EMULATE_FMA)
+            mx0 = ix0 - PAD
+            mx1 = ix1 - PAD
+            mx0_ok = (col_ok & (mx0 >= 0) & (mx0 < M))[None, :]
+            mx1_ok = (col_ok & (mx1 >= 0) & (mx1 < M))[None, :]
+            wx0 = tl.broadcast_to(lx0[None, :], (BLOCK_H, BLOCK_W))
+            wx1 = tl.broadcast_to(lx1[None, :], (BLOCK_H, BLOCK_W))
+
+            v00 = tl.load(row0_ptr + mx0[None, :], mask=my0_ok & mx0_ok, other=0.0)
+            v01 = tl.load(row0_ptr + mx1[None, :], mask=my0_ok & mx1_ok, other=0.0)
+            v10 = tl.load(row1_ptr + mx0[None, :], mask=my1_ok & mx0_ok, other=0.0)
+            v11 = tl.load(row1_ptr + mx1[None, :], mask=my1_ok & mx1_ok, other=0.0)
+            # wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11), each "a * b + c"
+            # fused as in torch's generic CPU kernel (and, as compiled, its CUDA kernel).
+            top = _fma(wx0, v00, wx1 * v01, EMULATE_FMA)
+            bottom = _fma(wx0, v10, wx1 * v11, EMULATE_FMA)
+            val = _fma(wy0, top, wy1 * bottom, EMULATE_FMA)
+            if TORCH_CPU_SMALL_PATH:
+                # torch's CPU kernel for h + w <= 128 sums the four taps with product weights.
+                acc = _fma(v00, wy0 * wx0, v01 * (wy0 * wx1), EMULATE_FMA)
+                acc = _fma(v10, wy1 * wx0, acc, EMULATE_FMA)
+                acc = _fma(v11, wy1 * wx1, acc, EMULATE_FMA)
+                val = tl.where(small_box, acc, val)
+
+            store_ok = row_ok & col_ok[None, :]
+            dst = out_rows + cols[None, :]
+            if APPLY_THRESHOLD:
+                tl.store(dst, (val > THRESHOLD).to(tl.uint8), mask=store_ok)
+            else:
+                tl.store(dst, val, mask=store_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
+
+
+def paste_masks_triton(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+    """Pastes per-detection masks into their images with one Triton launch for the whole batch.
+
+    Same arguments, results and semantics as :func:`paste_masks_reference`
+    (torchvision's ``paste_masks_in_image``, then ``> threshold`` when given).
+    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
+
+    Layout: one flat buffer (uint8 viewed as bool, or float32) holds every
+    detection's full image plane back to back, pre-filled with the value of
+    pixels outside every box; the kernel writes only inside each clipped box.
+    The returned per-image tensors are views of that buffer. Grid:
+    ``(N, cdiv(max_H, BLOCK_H))``; a program handles BLOCK_H image rows of one
+    detection and loops over the box's columns in BLOCK_W chunks. Peak memory is
+    the outputs plus O(N) metadata. The threshold is a compile-time constant: each
+    distinct threshold compiles the kernel once.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("paste_masks_triton needs the triton package; use paste_masks_reference")
+    counts, sizes, thr, padding = _check_inputs(masks, boxes, counts, image_sizes, threshold, padding)
+    device = masks.device
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"paste_masks_triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); got tensors on {device}"
+        )
+    thresholded = thr is not None
+    n_total, m = masks.shape[0], masks.shape[-1]
+
+    # Flat output buffer and per-detection (plane offset, H, W).
+    plane_sizes = [h * w for h, w in sizes]
+    image_starts, total = [], 0
+    for n, ps in zip(counts, plane_sizes):
+        image_starts.append(total)
+        total += n * ps
+    outside = int(_outside_value(thr))
+    buf_dtype = torch.uint8 if thresholded else torch.float32
+    flat = torch.full((total,), outside, dtype=buf_dtype, device=device)
+
+    if n_total > 0:
+        offs, hs, ws = [], [], []
+        for start, n, ps, (h, w) in zip(image_starts, counts, plane_sizes, sizes):
+            if n:
+                offs.append(torch.arange(n, dtype=torch.int64) * ps + start)
+                hs.append(torch.full((n,), h, dtype=torch.int64))
+                ws.append(torch.full((n,), w, dtype=torch.int64))
+        meta = torch.stack((torch.cat(offs), torch.cat(hs), torch.cat(ws)), dim=1).to(device)
+        max_h = max(h for (h, _), n in zip(sizes, counts) if n)
+        grid = (n_total, triton.cdiv(max_h, _BLOCK_H))
+        on_cpu = device.type != "cuda"  # the interpreter: match torch's CPU kernels
+        _paste_masks_kernel[grid](
+            masks.contiguous(),
+            boxes.contiguous(),
+            meta,
+            flat,
+            m,
+            padding,
+            _box_scale(m, padding),
+            THRESHOLD=thr if thresholded else 0.0,
+            APPLY_THRESHOLD=thresholded,
+            EMULATE_FMA=on_cpu,
+            TORCH_CPU_SMALL_PATH=on_cpu,
+            BLOCK_H=_BLOCK_H,
+            BLOCK_W=_BLOCK_W,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,  # only the explicit fmas are fused: box arithmetic stays as torch's
+        )
+
+    if thresholded:
+        flat = flat.view(torch.bool)
+    return [
+        flat[start : start + n * h * w].view(n, h, w) for start, n, (h, w) in zip(image_starts, counts, sizes)
+    ]
+
+
+def paste_masks(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+    """Dispatcher: :func:`paste_masks_triton` for CUDA tensors, else :func:`paste_masks_reference`.
+
+    See :func:`paste_masks_reference` for arguments and results;
+    ``ENGINE_FORCE_REFERENCE=1`` forces the reference (:mod:`kernels._dispatch`).
+    """
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"masks must be a torch.Tensor float32 [N, M, M]; got {_describe(masks)}")
+    if use_triton(masks) and _HAS_TRITON:
+        return paste_masks_triton(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding)
+    return paste_masks_reference(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding)

@@ -1,0 +1,352 @@
+"""Mask paste-back (kernels.paste_masks) against torchvision's paste_masks_in_image.
+
+The Triton launcher runs under the interpreter on CPU (see conftest.py) and on
+CUDA when a GPU is present; shapes are small so each launch has tens of programs.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
+
+import kernels.paste_masks as pm
+from conftest import HAS_CUDA, kernel_devices
+from kernels.paste_masks import paste_masks, paste_masks_reference, paste_masks_triton
+
+# Probability tolerance per dtype (CUDA: torch's fused bilinear sum is not checked bit for bit;
+# a source-index ulp at |src| < 32 moves a value by up to ~2e-6 where neighbours differ by 1).
+# On CPU the Triton kernel (interpreter) is also checked to be bit-identical.
+TOL = {torch.float32: dict(atol=2e-6, rtol=0.0)}
+# Thresholded pixels may differ only where torchvision's probability is this close to the threshold.
+NEAR_THRESHOLD = 1e-5
+
+
+def _impls():
+    impls = [pytest.param(paste_masks_reference, "cpu", id="reference-cpu")]
+    if HAS_CUDA:
+        impls.append(pytest.param(paste_masks_reference, "cuda", id="reference-cuda"))
+    impls += [pytest.param(paste_masks_triton, d, id=f"triton-{d}") for d in kernel_devices()]
+    return impls
+
+
+IMPLS = _impls()
+TRITON_DEVICES = kernel_devices()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _int_box(box, m, padding):
+    return expand_boxes(box[None].float(), (m + 2 * padding) / m).to(torch.int64)[0].tolist()
+
+
+def _misses_image(box, m, padding, h, w):
+    x1, y1, x2, y2 = _int_box(box, m, padding)
+    return min(x2 + 1, w) <= max(x1, 0) or min(y2 + 1, h) <= max(y1, 0)
+
+
+def torchvision_paste(masks, boxes, counts, sizes, padding=1):
+    """Per-image float32 [n, H, W] from torchvision, one detection at a time.
+
+    torchvision raises a shape error for most boxes whose expanded integer box misses
+    the image; their plane is all zeros by definition.
+    """
+    outs, start = [], 0
+    for n, (h, w) in zip(counts, sizes):
+        planes = []
+        for i in range(start, start + n):
+            if _misses_image(boxes[i].cpu(), masks.shape[-1], padding, h, w):
+                planes.append(torch.zeros((h, w), dtype=torch.float32, device=masks.device))
+            else:
+                planes.append(paste_masks_in_image(masks[i][None, None], boxes[i][None], (h, w), padding=padding)[0, 0])
+        outs.append(torch.stack(planes) if planes else torch.zeros((0, h, w), device=masks.device))
+        start += n
+    return outs
+
+
+def assert_matches(outs, expected_probs, threshold, *, exact=False):
+    """outs agree with torchvision's probabilities: bit for bit when exact, else within TOL
+    (probabilities) or except where the probability is within NEAR_THRESHOLD of the threshold."""
+    assert len(outs) == len(expected_probs)
+    for out, prob in zip(outs, expected_probs):
+        assert out.shape == prob.shape
+        assert out.device == prob.device
+        if exact:
+            assert torch.equal(out, prob if threshold is None else prob > threshold)
+        if threshold is None:
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, prob, **TOL[torch.float32])
+        else:
+            assert out.dtype == torch.bool
+            thr = float(np.float32(threshold))
+            wrong = out != (prob > threshold)
+            ambiguous = (prob - thr).abs() <= NEAR_THRESHOLD
+            assert not (wrong & ~ambiguous).any(), f"{int((wrong & ~ambiguous).sum())} pixels differ"
+
+
+def random_batch(counts, sizes, m=28, *, device="cpu", seed=0, outside=0.25):
+    """Random probabilities and boxes around each image (some partly outside it)."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = []
+    for n, (h, w) in zip(counts, sizes):
+        x1 = (torch.rand(n, generator=g) * (1 + outside) - outside) * w
+        y1 = (torch.rand(n, generator=g) * (1 + outside) - outside) * h
+        bw = torch.rand(n, generator=g) * 0.8 * w + 0.3
+        bh = torch.rand(n, generator=g) * 0.8 * h + 0.3
+        boxes.append(torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1))
+    boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4))
+    masks = torch.rand((sum(counts), m, m), generator=g)
+    return masks.to(device), boxes.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement with torchvision
+# ---------------------------------------------------------------------------------------------
+
+BATCH_COUNTS = [3, 0, 2]
+BATCH_SIZES = [(40, 60), (37, 53), (23, 31)]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_batch_of_images_matches_torchvision(impl, device, threshold):
+    masks, boxes = random_batch(BATCH_COUNTS, BATCH_SIZES, device=device)
+    outs = impl(masks, boxes, BATCH_COUNTS, BATCH_SIZES, threshold=threshold)
+    assert [tuple(o.shape) for o in outs] == [(n, h, w) for n, (h, w) in zip(BATCH_COUNTS, BATCH_SIZES)]
+    assert_matches(outs, torchvision_paste(masks, boxes, BATCH_COUNTS, BATCH_SIZES), threshold, exact=device == "cpu")
+
+
+def test_reference_is_bit_identical_to_torchvision():
+    counts, sizes = [4, 3], [(45, 70), (37, 53)]
+    masks, boxes = random_batch(counts, sizes, seed=3)
+    for out, exp in zip(paste_masks_reference(masks, boxes, counts, sizes, threshold=None), torchvision_paste(masks, boxes, counts, sizes)):
+        assert torch.equal(out, exp)
+    for out, exp in zip(paste_masks_reference(masks, boxes, counts, sizes, threshold=0.5), torchvision_paste(masks, boxes, counts, sizes)):
+        assert torch.equal(out, exp > 0.5)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.25, 0.8, -0.1, 1.0])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_matches_reference(device, threshold):
+    counts, sizes = [2, 3], [(37, 53), (29, 40)]
+    masks, boxes = random_batch(counts, sizes, device=device, seed=7)
+    tri = paste_masks_triton(masks, boxes, counts, sizes, threshold=threshold)
+    ref = paste_masks_reference(masks, boxes, counts, sizes, threshold=threshold)
+    probs = paste_masks_reference(masks, boxes, counts, sizes, threshold=None)
+    assert_matches(tri, probs, threshold)
+    assert_matches(ref, probs, threshold)
+    if device == "cpu":
+        assert all(torch.equal(t, r) for t, r in zip(tri, ref))
+    if threshold is not None and threshold < 0:  # outside every box: 0 > threshold
+        assert all(t.all() for t in tri)
+
+
+@pytest.mark.parametrize("m,padding", [(28, 1), (1, 1), (2, 0), (7, 2), (14, 1), (28, 0)])
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_other_mask_sizes_and_padding(impl, device, m, padding):
+    counts, sizes = [3], [(33, 47)]
+    masks, boxes = random_batch(counts, sizes, m=m, device=device, seed=m + 10 * padding)
+    expected = torchvision_paste(masks, boxes, counts, sizes, padding=padding)
+    for threshold in (None, 0.5):
+        outs = impl(masks, boxes, counts, sizes, threshold=threshold, padding=padding)
+        assert_matches(outs, expected, threshold, exact=device == "cpu")
+
+
+# Boxes (x1, y1, x2, y2) in a 20 x 150 image: partly outside, negative coordinates whose
+# expansion lies in (-1, 0) (truncation toward zero gives 0, floor would give -1), tiny,
+# zero-size and inverted boxes, a box covering (and exceeding) the whole image, and a
+# wide one that spans several BLOCK_W column chunks.
+EDGE_BOXES = [
+    [-12.0, -6.0, 25.0, 11.0],  # partly outside, top-left
+    [130.0, 12.0, 171.5, 33.0],  # partly outside, bottom-right
+    [-0.3, -0.2, 10.0, 9.0],  # expanded x1, y1 in (-1, 0)
+    [-3.7, 4.0, 6.2, 14.9],  # negative, fractional
+    [50.2, 7.1, 50.6, 7.4],  # tiny
+    [60.0, 10.0, 60.0, 10.0],  # zero size
+    [90.0, 15.0, 80.0, 5.0],  # inverted
+    [-30.0, -30.0, 200.0, 60.0],  # covers the whole image
+    [-9.5, 1.5, 148.5, 18.5],  # wide: several column chunks
+    [0.0, 0.0, 149.0, 19.0],  # exactly the image
+]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.3])
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_edge_boxes(impl, device, threshold):
+    boxes = torch.tensor(EDGE_BOXES, device=device)
+    masks = torch.rand((len(EDGE_BOXES), 28, 28)).to(device)
+    counts, sizes = [len(EDGE_BOXES)], [(20, 150)]
+    outs = impl(masks, boxes, counts, sizes, threshold=threshold)
+    assert_matches(outs, torchvision_paste(masks, boxes, counts, sizes), threshold, exact=device == "cpu")
+
+
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="Triton interpreter is off")
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_triton_bit_identical_to_torchvision_on_cpu(threshold):
+    # Boxes from a few pixels up to larger than the image: both of torch's CPU resize
+    # paths (output h + w <= 128 and > 128) and several column chunks per row band.
+    counts, sizes = [4, 2], [(70, 140), (37, 53)]
+    masks, boxes = random_batch(counts, sizes, seed=11, outside=0.3)
+    boxes[0] = torch.tensor([-20.0, -10.0, 150.0, 75.0])
+    boxes[1] = torch.tensor([3.0, 2.0, 130.0, 40.0])
+    masks = torch.sigmoid((masks - 0.5) * 12)  # mask-like: flat regions and steep edges
+    outs = paste_masks_triton(masks, boxes, counts, sizes, threshold=threshold)
+    for out, prob in zip(outs, torchvision_paste(masks, boxes, counts, sizes)):
+        assert torch.equal(out, prob if threshold is None else prob > threshold)
+
+
+def test_truncation_toward_zero_for_negative_coordinates():
+    box = torch.tensor([[-0.3, -0.2, 10.0, 9.0]])
+    ex = expand_boxes(box, 30 / 28)
+    assert (-1 < ex[0, :2]).all() and (ex[0, :2] < 0).all()
+    assert pm._expanded_int_boxes(box, pm._box_scale(28, 1))[0, :2].tolist() == [0, 0]
+
+
+def test_integer_boxes_match_torchvision_expand_boxes():
+    g = torch.Generator().manual_seed(1)
+    boxes = (torch.rand(20000, 4, generator=g) - 0.3) * 400
+    boxes[:2000] = torch.randint(-50, 300, (2000, 4), generator=g).float()
+    for m, padding in [(28, 1), (5, 1), (1, 2), (28, 0)]:
+        scale = (m + 2 * padding) / m
+        expected = expand_boxes(boxes, scale).to(torch.int64)
+        assert torch.equal(pm._expanded_int_boxes(boxes, pm._box_scale(m, padding)), expected)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_boxes_wholly_outside_give_empty_planes(impl, device, threshold):
+    boxes = torch.tensor(
+        [
+            [-40.0, -30.0, -10.0, -10.0],  # above-left
+            [70.0, 5.0, 90.0, 20.0],  # right
+            [5.0, 50.0, 20.0, 70.0],  # below
+            [-30.0, 5.0, -10.0, 20.0],  # left
+            [10.0, 10.0, 30.0, 30.0],  # inside, for contrast
+        ],
+        device=device,
+    )
+    masks = torch.rand((5, 28, 28)).to(device)
+    outs = impl(masks, boxes, [5], [(40, 60)], threshold=threshold)
+    assert not outs[0][:4].any()
+    assert outs[0][4].any()
+    assert_matches(outs, torchvision_paste(masks, boxes, [5], [(40, 60)]), threshold, exact=device == "cpu")
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_threshold_compares_in_float32(impl, device):
+    # padding 0 and an expanded box of exactly M x M: the resize is an exact copy.
+    p = float(np.float32(0.1))
+    masks = torch.full((1, 28, 28), p, device=device)
+    masks[0, :, :14] = float(np.float32(0.3))
+    boxes = torch.tensor([[2.0, 3.0, 29.0, 30.0]], device=device)
+    probs = impl(masks, boxes, [1], [(40, 40)], threshold=None, padding=0)[0]
+    assert torch.equal(probs[0, 3:31, 2:30], masks[0])
+    out = impl(masks, boxes, [1], [(40, 40)], threshold=0.1, padding=0)[0]
+    assert torch.equal(out, probs > 0.1)
+    assert out[0, 3:31, 2:16].all() and not out[0, :, 16:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# empty inputs, dtypes, shapes, devices, side effects
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("impl,device", IMPLS + [pytest.param(paste_masks, "cpu", id="dispatch-cpu")])
+def test_no_detections(impl, device, threshold):
+    masks = torch.zeros((0, 28, 28), device=device)
+    boxes = torch.zeros((0, 4), device=device)
+    outs = impl(masks, boxes, [0, 0], [(37, 53), (4, 5)], threshold=threshold)
+    assert [tuple(o.shape) for o in outs] == [(0, 37, 53), (0, 4, 5)]
+    assert all(o.dtype == (torch.float32 if threshold is None else torch.bool) for o in outs)
+    assert all(o.device == masks.device for o in outs)
+    assert impl(masks, boxes, [], [], threshold=threshold) == []
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_output_dtype_and_shapes(impl, device):
+    counts, sizes = [0, 2, 1], [(5, 7), (37, 53), (12, 9)]
+    masks, boxes = random_batch(counts, sizes, device=device, seed=5)
+    outs = impl(masks, boxes, counts, sizes)  # default threshold 0.5
+    assert len(outs) == 3
+    for out, n, (h, w) in zip(outs, counts, sizes):
+        assert out.dtype == torch.bool
+        assert tuple(out.shape) == (n, h, w)
+        assert out.device == masks.device
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_inputs_not_modified_and_non_contiguous_inputs(impl, device):
+    counts, sizes = [2, 2], [(30, 41), (25, 33)]
+    big_masks, big_boxes = random_batch([8], [(30, 41)], device=device, seed=9)
+    masks = big_masks[::2]  # non-contiguous
+    boxes = big_boxes[::2]
+    masks_before, boxes_before = masks.clone(), boxes.clone()
+    for threshold in (None, 0.5):
+        outs = impl(masks, boxes, counts, sizes, threshold=threshold)
+        assert torch.equal(masks, masks_before) and torch.equal(boxes, boxes_before)
+        expected = impl(masks.contiguous(), boxes.contiguous(), counts, sizes, threshold=threshold)
+        for o, e in zip(outs, expected):
+            assert torch.equal(o, e)
+        assert_matches(outs, torchvision_paste(masks, boxes, counts, sizes), threshold, exact=device == "cpu")
+
+
+def _bad_inputs():
+    m, b = torch.rand(2, 28, 28), torch.rand(2, 4) * 10
+    ok = dict(masks=m, boxes=b, counts=[1, 1], image_sizes=[(10, 10), (8, 9)])
+    cases = [
+        ("masks", [[0.0]], TypeError, "masks must be a torch.Tensor"),
+        ("masks", torch.rand(2, 1, 28, 28), ValueError, r"\[N, M, M\]"),
+        ("masks", torch.rand(2, 28, 27), ValueError, r"\[N, M, M\]"),
+        ("masks", torch.rand(2, 0, 0), ValueError, "M >= 1"),
+        ("masks", torch.rand(2, 28, 28).double(), TypeError, "masks must be float32"),
+        ("masks", torch.rand(3, 28, 28), ValueError, "same N"),
+        ("boxes", b.numpy(), TypeError, "boxes must be a torch.Tensor"),
+        ("boxes", torch.rand(2, 5), ValueError, r"\[N, 4\]"),
+        ("boxes", b.half(), TypeError, "boxes must be float32"),
+        ("counts", [2, 1], ValueError, "sum\\(counts\\)"),
+        ("counts", [1.0, 1.0], TypeError, "counts"),
+        ("counts", [3, -1], ValueError, "non-negative"),
+        ("counts", 2, TypeError, "counts must be a sequence"),
+        ("image_sizes", [(10, 10)], ValueError, "one entry per image"),
+        ("image_sizes", [(10, 10), (0, 9)], ValueError, "positive"),
+        ("image_sizes", [(10, 10), (8,)], ValueError, r"\(H, W\) pair"),
+        ("image_sizes", [(10, 10), (8.0, 9)], TypeError, "height/width"),
+        ("threshold", "0.5", TypeError, "threshold"),
+        ("padding", -1, ValueError, "padding"),
+        ("padding", 1.5, TypeError, "padding"),
+    ]
+    return ok, cases
+
+
+@pytest.mark.parametrize("fn", [paste_masks_reference, paste_masks_triton, paste_masks], ids=["reference", "triton", "dispatch"])
+def test_input_validation(fn):
+    ok, cases = _bad_inputs()
+    for key, value, exc, match in cases:
+        kwargs = dict(ok, **{key: value})
+        args = [kwargs.pop(k) for k in ("masks", "boxes", "counts", "image_sizes")]
+        with pytest.raises(exc, match=match):
+            fn(*args, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="same device"):
+        paste_masks_reference(torch.rand(1, 28, 28, device="cuda"), torch.rand(1, 4), [1], [(5, 5)])
+
+
+def test_dispatcher_picks_by_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pm, "paste_masks_triton", lambda *a, **k: calls.append("triton") or [])
+    masks, boxes = random_batch([2], [(20, 30)], seed=2)
+    outs = paste_masks(masks, boxes, [2], [(20, 30)], threshold=None)
+    assert calls == []
+    assert torch.equal(outs[0], paste_masks_reference(masks, boxes, [2], [(20, 30)], threshold=None)[0])
+    if HAS_CUDA:
+        paste_masks(masks.cuda(), boxes.cuda(), [2], [(20, 30)])
+        assert calls == ["triton"]
+        monkeypatch.setenv("ENGINE_FORCE_REFERENCE", "1")
+        paste_masks(masks.cuda(), boxes.cuda(), [2], [(20, 30)])
+        assert calls == ["triton"]

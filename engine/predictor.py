@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from engine.config import MaskRCNNConfig
+from engine.inputs import as_rgb_uint8_images
 from engine.postprocess import to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
@@ -41,26 +42,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def validate_images(images) -> list[np.ndarray]:
-    """Check the caller's images; returns them as a list (the arrays themselves are not copied or modified).
+    """The caller's images as C-contiguous uint8 [H, W, 3] RGB numpy arrays, one per image.
 
-    Accepted: one uint8 numpy array [H, W, 3] (RGB), or a list/tuple of them, any mix of sizes, H, W >= 1.
+    A thin wrapper of :func:`engine.inputs.as_rgb_uint8_images`, which holds the rules: one image
+    or a list/tuple; numpy arrays or torch tensors; grayscale, RGB, RGBA, CHW tensors; uint8,
+    uint16, bool, float and in-range integer dtypes. The inputs are never modified; clear
+    TypeError/ValueError naming the image otherwise.
     """
-    if isinstance(images, np.ndarray):
-        images = [images]
-    if not isinstance(images, (list, tuple)):
-        raise TypeError(
-            f"images must be a uint8 numpy array [H, W, 3] (RGB) or a list of them; got {type(images).__name__}"
-        )
-    for i, im in enumerate(images):
-        if not isinstance(im, np.ndarray):
-            raise TypeError(f"images[{i}] is a {type(im).__name__}; expected a uint8 numpy array [H, W, 3] in RGB order")
-        if im.dtype != np.uint8:
-            raise TypeError(f"images[{i}] has dtype {im.dtype}; expected uint8 [H, W, 3] RGB")
-        if im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"images[{i}] has shape {im.shape}; expected [H, W, 3] (RGB)")
-        if im.shape[0] < 1 or im.shape[1] < 1:
-            raise ValueError(f"images[{i}] has shape {im.shape}; height and width must be at least 1")
-    return list(images)
+    return as_rgb_uint8_images(images)
 
 
 class Predictor:
@@ -116,8 +105,10 @@ class Predictor:
         """Detect and segment instances.
 
         Args:
-            images: uint8 numpy array [H, W, 3] in RGB order, or a list of them of any sizes.
-                They go through the backbone as one padded batch. Not modified.
+            images: one image or a list of images of any sizes, as uint8 numpy arrays [H, W, 3] in
+                RGB order, or any form :func:`engine.inputs.as_rgb_uint8_images` converts (grayscale,
+                RGBA, CHW tensors, uint16 or float pixels). They go through the backbone as one padded
+                batch. Not modified.
 
         Returns:
             One :class:`engine.results.Detections` per image (tensors on the predictor's device),

@@ -43,13 +43,19 @@ class ImageBatch:
 
 
 def resized_size(height: int, width: int, *, min_size: int, max_size: int, rounding: str) -> tuple[int, int]:
-    """Output (h, w) of the short-side resize, as torchvision (floor) or Detectron2/mmdet (round half up) compute it."""
+    """Output (h, w) of the short-side resize, as torchvision (floor) or Detectron2/mmdet (round half up) compute it.
+
+    Each side is at least 1 pixel: for images longer than ``max_size / min_size``-to-1 whose
+    short side would round to 0, torchvision fails inside ``F.interpolate``; we keep one row.
+    """
     scale = min(min_size / min(height, width), max_size / max(height, width))
     if rounding == "floor":
-        return int(math.floor(height * scale)), int(math.floor(width * scale))
-    if rounding == "round_half_up":
-        return int(height * scale + 0.5), int(width * scale + 0.5)
-    raise ValueError(f"unknown resize rounding {rounding!r}")
+        out_h, out_w = int(math.floor(height * scale)), int(math.floor(width * scale))
+    elif rounding == "round_half_up":
+        out_h, out_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    else:
+        raise ValueError(f"unknown resize rounding {rounding!r}")
+    return max(out_h, 1), max(out_w, 1)
 
 
 def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:

@@ -99,3 +99,10 @@ def test_decode_clamp_modes():
 def test_clip_boxes():
     boxes = torch.tensor([[-5.0, -1, 700, 30], [10, 20, 30, 40]])
     assert clip_boxes(boxes, (25, 600)).tolist() == [[0, 0, 600, 25], [10, 20, 30, 25]]
+
+
+@pytest.mark.parametrize("rounding", ["floor", "round_half_up"])
+def test_resize_keeps_at_least_one_pixel(rounding):
+    # 20 * 160 / 4000 = 0.8 rows: torchvision would ask F.interpolate for 0 rows and fail
+    assert resized_size(20, 4000, min_size=96, max_size=160, rounding=rounding) == (1, 160)
+    assert resized_size(4000, 20, min_size=96, max_size=160, rounding=rounding) == (160, 1)

@@ -7,6 +7,7 @@ Parameter names follow torchvision's current state-dict layout (``backbone.body.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -80,34 +81,56 @@ class _RoIHeads(nn.Module):
         )
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class MaskRCNN(nn.Module):
     """Predict-only Mask R-CNN with a ResNet-FPN backbone.
 
     Args:
         spec: network sizes (from the checkpoint).
         config: behaviour (see :class:`engine.config.MaskRCNNConfig`).
+        precision: "fp32" (exact parity), or "bf16" / "fp16": the backbone, FPN and heads run
+            under autocast in that dtype, while their outputs are cast back to float32 before box
+            decoding, top-k, NMS and the RoIAlign / paste kernels, which stay float32.
     """
 
-    def __init__(self, *, spec: ArchitectureSpec, config: MaskRCNNConfig) -> None:
+    def __init__(self, *, spec: ArchitectureSpec, config: MaskRCNNConfig, precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.spec = spec
         self.config = config
+        self.precision = precision
         self.backbone = Backbone(
             blocks_per_stage=spec.blocks_per_stage, fpn_channels=spec.fpn_channels, bn_eps=config.bn_eps
         )
         self.rpn = _RPN(RPNHead(channels=spec.fpn_channels, num_anchors=spec.num_anchors, conv_depth=spec.rpn_conv_depth))
         self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size)
 
+    def _network_precision(self, device: torch.device):
+        """Autocast for the convolutional and fully connected parts, or nothing in fp32 mode."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision])
+
     # --- stages -------------------------------------------------------------------------------
 
     def features(self, batch: ImageBatch) -> list[Tensor]:
-        """FPN features [P2, P3, P4, P5, P6], each float32 [B, C, Hp / 2**k, Wp / 2**k]."""
-        return self.backbone(batch.tensor)
+        """FPN features [P2, P3, P4, P5, P6], each [B, C, Hp / 2**k, Wp / 2**k]: float32, or the
+        reduced precision dtype in bf16 / fp16 mode (channels-last on CUDA there)."""
+        images = batch.tensor
+        if self.precision != "fp32" and images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._network_precision(images.device):
+            return self.backbone(images)
 
     def proposals(self, features: list[Tensor], batch: ImageBatch) -> tuple[list[Tensor], list[Tensor]]:
         """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i]."""
         cfg = self.config
-        logits, deltas = self.rpn.head(features)
+        with self._network_precision(features[0].device):
+            logits, deltas = self.rpn.head(features)
+        logits, deltas = [t.float() for t in logits], [t.float() for t in deltas]
         objectness, flat_deltas, per_level = flatten_levels(logits, deltas)
         anchors = grid_anchors(
             tuple(batch.tensor.shape[-2:]),
@@ -123,7 +146,7 @@ class MaskRCNN(nn.Module):
     def pool(self, features: list[Tensor], boxes: list[Tensor], batch: ImageBatch, *, output_size: int) -> Tensor:
         """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out]."""
         cfg = self.config
-        maps = features[:4]
+        maps = [m.float() for m in features[:4]]  # the RoIAlign kernel samples and accumulates in float32
         scales = infer_spatial_scales(maps, batch.image_sizes)
         first = int(round(-math.log2(scales[0])))
         rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
@@ -141,7 +164,9 @@ class MaskRCNN(nn.Module):
     def detect(self, features: list[Tensor], proposals: list[Tensor], batch: ImageBatch) -> list[ImageDetections]:
         """Box head and post-processing: final detections per image (resized-image frame)."""
         pooled = self.pool(features, proposals, batch, output_size=self.config.box_pool_size)
-        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        with self._network_precision(pooled.device):
+            class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()
         return postprocess_detections(class_logits, box_deltas, proposals, batch.image_sizes, config=self.config)
 
     def mask_probabilities(
@@ -150,7 +175,8 @@ class MaskRCNN(nn.Module):
         """Per image float32 [N_i, 28, 28]: sigmoid of each detection's class channel."""
         boxes = [d.boxes for d in detections]
         pooled = self.pool(features, boxes, batch, output_size=self.config.mask_pool_size)
-        logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled))
+        with self._network_precision(pooled.device):
+            logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled)).float()
         labels = torch.cat([d.labels for d in detections])
         probs = select_mask_probabilities(logits, labels)
         return list(probs.split([len(b) for b in boxes]))

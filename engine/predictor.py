@@ -60,6 +60,9 @@ class Predictor:
             (not modified).
         device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
             on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
+        precision: "fp32" (default; exact parity with the checkpoint's framework), or "bf16" /
+            "fp16" (fast mode): backbone, FPN and heads in reduced precision, channels-last on CUDA;
+            box decoding, NMS and the kernels stay float32.
         config: full configuration; by default the checkpoint family's preset (torchvision
             ``maskrcnn_resnet50_fpn``, batch-norm eps read from the file).
         score_threshold, nms_threshold, detections_per_image, mask_threshold: override those
@@ -71,6 +74,7 @@ class Predictor:
         weights: str | os.PathLike | Mapping[str, Tensor],
         *,
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
         config: MaskRCNNConfig | None = None,
         score_threshold: float | None = None,
         nms_threshold: float | None = None,
@@ -89,7 +93,9 @@ class Predictor:
         changes = {k: v for k, v in overrides.items() if v is not None}
         self.config = config.replace(**changes) if changes else config
         self.family = checkpoint.family
-        self.model = build_model(checkpoint, config=self.config).to(self.device)
+        self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
+        if precision != "fp32" and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @property
     def num_classes(self) -> int:

@@ -98,3 +98,25 @@ def test_cuda_requested_without_cuda():
 def test_bad_device():
     with pytest.raises(ValueError, match="device must be"):
         Predictor(tiny_state_dict(), device="tpu")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_mode(precision):
+    """Fast mode runs the network in reduced precision; its features stay close to fp32's."""
+    images = [image(60, 80), image(47, 33, 1)]
+    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision=precision)
+    batch = exact.preprocess(images)
+    with torch.inference_mode():
+        f32 = exact.model.features(batch)
+        low = fast.model.features(batch)
+    assert low[0].dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    for a, b in zip(f32, low):
+        assert (b.float() - a).abs().max() <= 0.05 * a.abs().max() + 1e-3
+    for r, im in zip(fast.run(images), images):
+        check_result(r, im.shape[:2])
+
+
+def test_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        Predictor(tiny_state_dict(), precision="int8")

@@ -76,13 +76,13 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor]) -> LoadedC
     return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="torchvision")
 
 
-def build_model(checkpoint: LoadedCheckpoint, *, config: MaskRCNNConfig) -> MaskRCNN:
+def build_model(checkpoint: LoadedCheckpoint, *, config: MaskRCNNConfig, precision: str = "fp32") -> MaskRCNN:
     """Instantiate the network and load the checkpoint's tensors into it, strictly.
 
     Raises:
         CheckpointError: listing missing, unexpected and wrongly shaped tensors.
     """
-    model = MaskRCNN(spec=checkpoint.spec, config=config)
+    model = MaskRCNN(spec=checkpoint.spec, config=config, precision=precision)
     expected = model.state_dict()
     given = checkpoint.state_dict
     missing = [k for k in expected if k not in given]

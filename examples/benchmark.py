@@ -1,0 +1,441 @@
+"""Benchmark against torchvision, measured in one run on one device.
+
+    python examples/benchmark.py --device cuda --json bench.json --markdown bench.md
+    python examples/benchmark.py --smoke            # tiny sizes on CPU: checks the script runs
+
+Same weights for everyone: torchvision's ``maskrcnn_resnet50_fpn`` layout with random weights
+and calibrated, perturbed batch-norm statistics (``tests/checkpoints.py``), and the same real
+photographs from scikit-image. Reported:
+
+- end to end, uint8 HxWx3 host arrays -> boolean masks on the device, for each batch size:
+  torchvision fp32 eager, this engine fp32, this engine in the fast mode (bf16): median and spread
+  (25th-75th percentile) of images/s, ratios against torchvision, peak device memory, and the fast
+  mode's agreement with torchvision (detections matched with the same label and box IoU >= 0.95,
+  mean mask IoU of the matches);
+- this engine's stages: pre-processing, backbone+FPN, RPN, box head + detection, mask head, paste,
+  and the share of time after backbone+FPN;
+- kernels against their baselines: multi-level RoIAlign vs torchvision's MultiScaleRoIAlign, paste
+  vs torchvision's paste_masks_in_image and vs a grid_sample paste (as Detectron2 pastes), NMS vs
+  torchvision.ops.batched_nms.
+
+Every timing warms up first (compilation and autotuning stay out of the figures) and synchronises
+the device before reading the clock. torchvision and scikit-image are needed (the test extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from engine import Predictor  # noqa: E402
+from engine.postprocess import to_original_frame  # noqa: E402
+from kernels.nms import batched_nms  # noqa: E402
+from kernels.paste_masks import paste_masks  # noqa: E402
+from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, *, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call, after ``warmup`` untimed calls; the device is synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float], *, items: int = 1) -> dict:
+    """Median and quartiles of per-call seconds, and the matching items per second."""
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {
+        "median_s": statistics.median(times),
+        "p25_s": q[0],
+        "p75_s": q[2],
+        "items_per_s": items / statistics.median(times),
+        "items_per_s_p25": items / q[2],
+        "items_per_s_p75": items / q[0],
+        "repeats": len(times),
+    }
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak device memory (bytes) allocated while ``fn`` runs, or None off CUDA."""
+    if device.type != "cuda":
+        fn()
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def photographs(count: int, *, scale: float = 1.0) -> list[np.ndarray]:
+    from checkpoints import photographs as load
+
+    images = load(PHOTO_NAMES)
+    if scale != 1.0:
+        import cv2
+
+        images = [cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) for im in images]
+    return [images[i % len(images)] for i in range(count)]
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def agreement(reference: list[dict], ours: list, *, box_iou_min: float = 0.95) -> dict:
+    """Share of torchvision's detections matched by ours (same label, box IoU >= 0.95), and mean mask IoU."""
+    matched, total, mask_ious = 0, 0, []
+    for ref, det in zip(reference, ours):
+        total += len(ref["boxes"])
+        if len(ref["boxes"]) == 0 or len(det) == 0:
+            continue
+        ious = box_iou(ref["boxes"].float().cpu(), det.boxes.float().cpu())
+        ious[ref["labels"].cpu()[:, None] != det.labels.cpu()[None, :]] = -1
+        used = set()
+        ref_masks = ref["masks"][:, 0].cpu() > 0.5
+        det_masks = det.masks.cpu() if isinstance(det.masks, torch.Tensor) else det.masks.to_full().cpu()
+        for i in range(len(ref["boxes"])):
+            order = torch.argsort(ious[i], descending=True).tolist()
+            j = next((j for j in order if j not in used), None)
+            if j is None or ious[i, j] < box_iou_min:
+                continue
+            used.add(j)
+            matched += 1
+            union = (ref_masks[i] | det_masks[j]).sum().item()
+            mask_ious.append(1.0 if union == 0 else (ref_masks[i] & det_masks[j]).sum().item() / union)
+    return {
+        "matched_fraction": matched / total if total else 1.0,
+        "mean_mask_iou": float(np.mean(mask_ious)) if mask_ious else 1.0,
+        "reference_detections": total,
+    }
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+
+def torchvision_end_to_end(model, images, device):
+    def run():
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(im).to(device).permute(2, 0, 1).float() / 255 for im in images]
+            out = model(tensors)
+            return [dict(o, masks_bool=o["masks"][:, 0] > 0.5) for o in out]
+
+    return run
+
+
+def bench_end_to_end(args, tv_model, state, device) -> list[dict]:
+    rows = []
+    predictors = {
+        "engine fp32": Predictor(state, device=device, config=args.config),
+        f"engine {args.fast_precision}": Predictor(state, device=device, config=args.config, precision=args.fast_precision),
+    }
+    for batch in args.batch_sizes:
+        images = photographs(batch, scale=args.image_scale)
+        tv_run = torchvision_end_to_end(tv_model, images, device)
+        reference = tv_run()
+        entries = {"torchvision fp32": tv_run}
+        entries.update({name: (lambda p=p: p.run(images)) for name, p in predictors.items()})
+        results = {}
+        for name, fn in entries.items():
+            times = measure(fn, device=device, warmup=args.warmup, repeats=args.repeats)
+            results[name] = summary(times, items=batch)
+            results[name]["peak_memory_bytes"] = peak_memory(fn, device)
+        base = results["torchvision fp32"]["items_per_s"]
+        for name, res in results.items():
+            res["ratio_vs_torchvision"] = res["items_per_s"] / base
+            if name.startswith("engine"):
+                res["agreement"] = agreement(reference, predictors[name].run(images))
+            rows.append({"batch": batch, "system": name, **res})
+    return rows
+
+
+def bench_stages(args, state, device) -> dict:
+    predictor = Predictor(state, device=device, config=args.config, precision=args.fast_precision)
+    model = predictor.model
+    images = photographs(args.stage_batch, scale=args.image_scale)
+    timings = {name: [] for name in ("preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste")}
+
+    def once(record: bool):
+        with torch.inference_mode():
+            marks = [time.perf_counter()]
+
+            def mark():
+                synchronize(device)
+                marks.append(time.perf_counter())
+
+            batch = predictor.preprocess(images)
+            mark()
+            features = model.features(batch)
+            mark()
+            proposals, _ = model.proposals(features, batch)
+            mark()
+            detections = model.detect(features, proposals, batch)
+            mark()
+            probs = model.mask_probabilities(features, detections, batch)
+            mark()
+            to_original_frame(
+                detections, probs, image_sizes=batch.image_sizes, original_sizes=batch.original_sizes, config=model.config
+            )
+            mark()
+        if record:
+            for name, a, b in zip(timings, marks, marks[1:]):
+                timings[name].append(b - a)
+
+    for _ in range(args.warmup):
+        once(False)
+    for _ in range(args.repeats):
+        synchronize(device)
+        once(True)
+    medians = {name: statistics.median(t) for name, t in timings.items()}
+    total = sum(medians.values())
+    after_backbone = total - medians["preprocess"] - medians["backbone+fpn"]
+    return {
+        "precision": args.fast_precision,
+        "batch": args.stage_batch,
+        "median_s": medians,
+        "share": {k: v / total for k, v in medians.items()},
+        "share_after_backbone": after_backbone / total,
+    }
+
+
+def random_rois(num_images: int, per_image: int, height: int, width: int, generator) -> torch.Tensor:
+    xy = torch.rand(num_images * per_image, 2, generator=generator) * torch.tensor([width * 0.9, height * 0.9])
+    wh = torch.exp(torch.rand(num_images * per_image, 2, generator=generator) * 5.5) + 2  # 3 .. ~250 px
+    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([width - 1.0, height - 1.0]))], 1)
+    index = torch.arange(num_images).repeat_interleave(per_image)[:, None].float()
+    return torch.cat([index, boxes], 1)
+
+
+def grid_sample_paste(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Paste as Detectron2 does: grid_sample every mask over the whole image at pixel centres, >= 0.5."""
+    n = masks.shape[0]
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    x0, y0, x1, y1 = boxes[:, 0:1], boxes[:, 1:2], boxes[:, 2:3], boxes[:, 3:4]
+    gy = (ys[None, :] - y0) / (y1 - y0) * 2 - 1
+    gx = (xs[None, :] - x0) / (x1 - x0) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], dim=3)
+    return F.grid_sample(masks[:, None], grid, align_corners=False)[:, 0] >= 0.5
+
+
+def bench_kernels(args, device) -> list[dict]:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    b, (h, w) = args.kernel_batch, args.kernel_image
+    channels = args.kernel_channels
+    feats = [torch.randn(b, channels, h // 2**k, w // 2**k, generator=g).to(device) for k in range(2, 6)]
+    rois = random_rois(b, args.rois_per_image, h, w, g).to(device)
+    names = ["0", "1", "2", "3"]
+    rule = LevelRule()
+    for out in (7, 14):
+        tv_pool = MultiScaleRoIAlign(names, out, 2)
+        per_image = [rois[rois[:, 0] == i, 1:] for i in range(b)]
+        fmap = dict(zip(names, feats))
+
+        def baseline():
+            return tv_pool(fmap, per_image, [(h, w)] * b)
+
+        def ours():
+            return multilevel_roi_align(
+                feats, rois, output_size=out, spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+                sampling_ratio=2, aligned=False, level_rule=rule,
+            )
+
+        rows.append(kernel_row(f"RoIAlign {out}x{out}", ours, {"MultiScaleRoIAlign": baseline}, args, device))
+
+    n, (ph, pw) = args.paste_detections, args.paste_image
+    masks = torch.rand(n, 28, 28, generator=g).to(device)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([pw * 0.8, ph * 0.8])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([pw * 0.5, ph * 0.5]) + 8
+    boxes = torch.cat([xy, xy + wh], 1).to(device)
+    rows.append(
+        kernel_row(
+            f"paste {n} masks into {ph}x{pw}",
+            lambda: paste_masks(masks, boxes, [n], [(ph, pw)], threshold=0.5),
+            {
+                "torchvision paste_masks_in_image": lambda: paste_masks_in_image(masks[:, None], boxes, (ph, pw))[:, 0] > 0.5,
+                "grid_sample paste": lambda: grid_sample_paste(masks, boxes, ph, pw),
+            },
+            args,
+            device,
+        )
+    )
+
+    count = args.nms_boxes
+    xy = torch.rand(count, 2, generator=g) * 1000
+    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 200 + 1], 1).to(device)
+    scores = torch.rand(count, generator=g).to(device)
+    groups = torch.randint(0, 80, (count,), generator=g).to(device)
+    rows.append(
+        kernel_row(
+            f"NMS {count} boxes, 80 classes",
+            lambda: batched_nms(boxes, scores, groups, 0.5),
+            {"torchvision batched_nms": lambda: tv_batched_nms(boxes, scores, groups, 0.5)},
+            args,
+            device,
+        )
+    )
+    return rows
+
+
+def kernel_row(name, ours, baselines: dict, args, device) -> dict:
+    row = {"kernel": name, "engine": summary(measure(ours, device=device, warmup=args.warmup, repeats=args.repeats))}
+    row["engine"]["peak_memory_bytes"] = peak_memory(ours, device)
+    for base_name, fn in baselines.items():
+        res = summary(measure(fn, device=device, warmup=args.warmup, repeats=args.repeats))
+        res["peak_memory_bytes"] = peak_memory(fn, device)
+        res["speedup_of_engine"] = res["median_s"] / row["engine"]["median_s"]
+        row[base_name] = res
+    return row
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+    import torchvision
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _mib(v):
+    return "-" if v is None else f"{v / 2**20:.0f}"
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"Device: {env['device']}; {env['date']}; torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"triton {env['triton']}; images scaled by {report['settings']['image_scale']}.",
+        "",
+        "| batch | system | images/s (median) | p25-p75 | vs torchvision | peak MiB | matched | mask IoU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["end_to_end"]:
+        agree = r.get("agreement")
+        matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
+        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree else "-"
+        lines.append(
+            f"| {r['batch']} | {r['system']} | {r['items_per_s']:.2f} | {r['items_per_s_p25']:.2f}-{r['items_per_s_p75']:.2f} "
+            f"| {r['ratio_vs_torchvision']:.2f}x | {_mib(r['peak_memory_bytes'])} | {matched} | {mask_iou} |"
+        )
+    st = report["stages"]
+    lines += ["", f"Stages of the engine ({st['precision']}, batch {st['batch']}):", "", "| stage | median ms | share |", "|---|---|---|"]
+    for name, sec in st["median_s"].items():
+        lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
+    lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
+    lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
+    for row in report["kernels"]:
+        for key, res in row.items():
+            if key in ("kernel", "engine"):
+                continue
+            lines.append(
+                f"| {row['kernel']} | {row['engine']['median_s'] * 1e3:.3f} | {key} | {res['median_s'] * 1e3:.3f} "
+                f"| {res['speedup_of_engine']:.2f}x | {_mib(row['engine']['peak_memory_bytes'])} / {_mib(res['peak_memory_bytes'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--fast-precision", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", help="write the full report here")
+    ap.add_argument("--markdown", help="write the tables here")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the script on CPU")
+    args = ap.parse_args(argv)
+    args.image_scale, args.stage_batch, args.config = 1.0, 8, None
+    args.kernel_batch, args.kernel_image, args.kernel_channels = 8, (800, 1216), 256
+    args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 1000, 100, (800, 1200), 5000
+    if args.smoke:
+        from engine.config import TORCHVISION_MASKRCNN_R50_FPN
+
+        args.batch_sizes, args.warmup, args.repeats, args.stage_batch = [1, 2], 0, 2, 2
+        args.image_scale = 0.25
+        args.config = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=128, max_size=200)
+        args.kernel_batch, args.kernel_image, args.kernel_channels = 2, (64, 96), 8
+        args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 6, 4, (40, 60), 60
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    from checkpoints import make_torchvision_maskrcnn
+
+    size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
+    tv_model = make_torchvision_maskrcnn(**size).to(device).eval()
+    state = {k: v.cpu() for k, v in tv_model.state_dict().items()}
+    report = {
+        "environment": environment(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "config"},
+        "end_to_end": bench_end_to_end(args, tv_model, state, device),
+        "stages": bench_stages(args, state, device),
+        "kernels": bench_kernels(args, device),
+    }
+    table = markdown(report)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -3,17 +3,40 @@
 Reproduces torchvision's ``GeneralizedRCNNTransform.postprocess``: boxes are scaled per axis
 by ``original / resized`` (float32 ratios, no re-clipping), then the 28x28 mask probabilities
 are pasted into the full image (:mod:`kernels.paste_masks`) and thresholded.
+
+Mask formats (``to_original_frame(..., mask_format=...)``):
+
+- ``"full"``: torch.bool [N, H, W] per image (N * H * W bytes);
+- ``"box"``: :class:`engine.results.BoxMasks`, each detection's crop of its paste region only.
+
+Chunking: the paste runs over at most K detections per launch, K chosen so that one chunk's
+output fits a byte budget: on CUDA 80 % of free device memory (``torch.cuda.mem_get_info``
+plus what torch's caching allocator holds unused), on CPU :data:`DEFAULT_CPU_CHUNK_BYTES`;
+``max_chunk_bytes`` caps it. When everything fits one chunk (the usual case) the kernel writes
+the results directly, with no copy. Otherwise each chunk is pasted and copied into the
+results, which are allocated up front: on the device when they fit beside a chunk, else
+(CUDA only) in pinned host memory, each chunk's masks being copied there as it is produced.
+In that case the returned :class:`Detections` live on the CPU (all their tensors), and the
+host must have room for them; ``mask_format="box"`` is the way to keep large results small.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from engine.config import MaskRCNNConfig
-from engine.results import Detections
+from engine.results import BoxMasks, Detections
 from engine.roi_heads import ImageDetections
-from kernels.paste_masks import paste_masks
+from kernels.paste_masks import crop_tables, paste_masks
+
+__all__ = ["DEFAULT_CPU_CHUNK_BYTES", "MASK_FORMATS", "plan_paste_chunks", "rescale_boxes", "to_original_frame"]
+
+MASK_FORMATS = ("full", "box")
+DEFAULT_CPU_CHUNK_BYTES = 1 << 30  # 1 GiB of pasted masks per chunk on CPU
+CUDA_FREE_FRACTION = 0.8  # share of free GPU memory the paste may use (results + one chunk)
 
 
 def rescale_boxes(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int]) -> Tensor:
@@ -28,6 +51,112 @@ def rescale_boxes(boxes: Tensor, resized: tuple[int, int], original: tuple[int, 
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
+def _cuda_free_bytes(device: torch.device) -> int:
+    """Bytes a new CUDA allocation can get: free device memory plus the caching allocator's unused reserve."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def plan_paste_chunks(
+    det_bytes: Sequence[int],
+    *,
+    device_type: str,
+    free_bytes: int | None = None,
+    max_chunk_bytes: int | None = None,
+) -> tuple[list[tuple[int, int]], bool]:
+    """Splits detections into paste chunks (a pure function: no device is queried).
+
+    Args:
+        det_bytes: output bytes of each detection, in order (full: H * W; box: h * w).
+        device_type: "cuda" or "cpu", where the paste runs.
+        free_bytes: CUDA only, the memory available for new allocations.
+        max_chunk_bytes: optional cap on a chunk's output bytes.
+
+    Returns:
+        ``(chunks, to_host)``: ``chunks`` are ``[start, end)`` detection ranges covering all
+        detections in order, each holding at most the chunk budget of bytes (or a single
+        detection larger than it); ``[(0, N)]`` when all fit one chunk (then the paste writes
+        the results directly). ``to_host``: the results do not fit in device memory beside a
+        chunk and go to pinned host memory (only ever True for "cuda").
+    """
+    det_bytes = [int(b) for b in det_bytes]
+    n, total = len(det_bytes), sum(det_bytes)
+    if device_type == "cuda":
+        if free_bytes is None:
+            raise ValueError("free_bytes is needed for device_type='cuda'")
+        budget = int(free_bytes * CUDA_FREE_FRACTION)
+    else:
+        budget = DEFAULT_CPU_CHUNK_BYTES
+    cap = budget if max_chunk_bytes is None else min(budget, max_chunk_bytes)
+    if total <= cap:
+        return [(0, n)], False
+    to_host = False
+    chunk = cap
+    if device_type == "cuda":
+        room = budget - total  # what is left for one chunk once the results are on the device
+        if room >= max(det_bytes):
+            chunk = min(cap, room)
+        else:
+            to_host = True
+    chunks, start, acc = [], 0, 0
+    for i, b in enumerate(det_bytes):
+        if i > start and acc + b > chunk:
+            chunks.append((start, i))
+            start, acc = i, 0
+        acc += b
+    chunks.append((start, n))
+    return chunks, to_host
+
+
+def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_bytes):
+    """paste_masks over all detections, chunked; returns (per-image outputs, results_on_host)."""
+    device = probs.device
+    elem = 1 if threshold is not None else 4
+    tables = None
+    if crop:
+        tables = crop_tables(boxes, counts, sizes, mask_size=probs.shape[-1])
+        det_bytes = [h * w * elem for t in tables for h, w in t[:, 3:].tolist()]
+    else:
+        det_bytes = [h * w * elem for n, (h, w) in zip(counts, sizes) for _ in range(n)]
+    free = _cuda_free_bytes(device) if device.type == "cuda" else None
+    chunks, to_host = plan_paste_chunks(
+        det_bytes, device_type=device.type, free_bytes=free, max_chunk_bytes=max_chunk_bytes
+    )
+    if len(chunks) == 1 and not to_host:
+        return paste_masks(probs, boxes, counts, sizes, threshold=threshold, crop=crop), False
+
+    out_device = torch.device("cpu") if to_host else device
+    pin = to_host and device.type == "cuda"
+    dtype = torch.bool if threshold is not None else torch.float32
+    if crop:
+        lengths = [int((t[:, 3] * t[:, 4]).sum()) for t in tables]
+        outs = [torch.empty((length,), dtype=dtype, device=out_device, pin_memory=pin) for length in lengths]
+    else:
+        outs = [torch.empty((n, h, w), dtype=dtype, device=out_device, pin_memory=pin) for n, (h, w) in zip(counts, sizes)]
+    image_starts = [sum(counts[:i]) for i in range(len(counts))]
+    for a, b in chunks:
+        lo = [max(a, s) for s in image_starts]
+        hi = [min(b, s + n) for s, n in zip(image_starts, counts)]
+        chunk_counts = [max(h - l, 0) for l, h in zip(lo, hi)]
+        res = paste_masks(probs[a:b], boxes[a:b], chunk_counts, sizes, threshold=threshold, crop=crop)
+        for i, (c, s, r) in enumerate(zip(chunk_counts, image_starts, res)):
+            if not c:
+                continue
+            j0 = lo[i] - s
+            if crop:
+                data = r[0]
+                off = int(tables[i][j0, 0])
+                outs[i][off : off + data.shape[0]].copy_(data, non_blocking=pin)
+            else:
+                outs[i][j0 : j0 + c].copy_(r, non_blocking=pin)
+        del res
+    if pin:
+        torch.cuda.current_stream(device).synchronize()  # the copies to pinned memory are asynchronous
+    if crop:
+        outs = list(zip(outs, tables))
+    return outs, to_host
+
+
 def to_original_frame(
     detections: list[ImageDetections],
     mask_probs: list[Tensor],
@@ -35,6 +164,8 @@ def to_original_frame(
     image_sizes: list[tuple[int, int]],
     original_sizes: list[tuple[int, int]],
     config: MaskRCNNConfig,
+    mask_format: str = "full",
+    max_chunk_bytes: int | None = None,
 ) -> list[Detections]:
     """Scale boxes, paste and threshold masks; one :class:`Detections` per image.
 
@@ -43,17 +174,42 @@ def to_original_frame(
         mask_probs: per image float32 [N_i, M, M] mask probabilities.
         image_sizes: resized (h, w) per image.
         original_sizes: input (H, W) per image.
+        config: ``mask_threshold`` is used.
+        mask_format: "full" -> masks torch.bool [N_i, H, W]; "box" -> :class:`BoxMasks`
+            (box-local crops; the same masks, far smaller for large images).
+        max_chunk_bytes: cap on the mask bytes pasted per launch (None: chosen from free
+            memory, see the module docstring).
+
+    Returns:
+        One :class:`Detections` per image, boxes float32 [N_i, 4] in input-image pixels. On
+        the masks' device, except when the results did not fit in free GPU memory: then
+        every tensor is on the CPU (masks in pinned memory).
     """
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {MASK_FORMATS}; got {mask_format!r}")
+    if max_chunk_bytes is not None:
+        if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
+            raise ValueError(f"max_chunk_bytes must be a positive int or None; got {max_chunk_bytes!r}")
+    if not detections:
+        return []
+    crop = mask_format == "box"
+    threshold = config.mask_threshold
+    if crop and (threshold is None or threshold < 0):
+        raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
     boxes = [rescale_boxes(d.boxes, s, o) for d, s, o in zip(detections, image_sizes, original_sizes)]
-    all_probs = torch.cat(mask_probs) if mask_probs else torch.zeros((0, 28, 28))
-    masks = paste_masks(
-        all_probs,
-        torch.cat(boxes),
-        [len(b) for b in boxes],
-        original_sizes,
-        threshold=config.mask_threshold,
+    all_boxes = torch.cat(boxes)
+    all_probs = torch.cat(mask_probs) if mask_probs else torch.zeros((0, 28, 28), device=all_boxes.device)
+    counts = [len(b) for b in boxes]
+    sizes = [tuple(int(v) for v in o) for o in original_sizes]
+    masks, on_host = _paste_in_chunks(
+        all_probs, all_boxes, counts, sizes, threshold=threshold, crop=crop, max_chunk_bytes=max_chunk_bytes
     )
-    return [
-        Detections(boxes=b, scores=d.scores, labels=d.labels, masks=m, image_size=tuple(o))
-        for b, d, m, o in zip(boxes, detections, masks, original_sizes)
-    ]
+    if crop:
+        masks = [BoxMasks(data, table, size) for (data, table), size in zip(masks, sizes)]
+    results = []
+    for b, d, m, size in zip(boxes, detections, masks, sizes):
+        scores, labels = d.scores, d.labels
+        if on_host:
+            b, scores, labels = b.cpu(), scores.cpu(), labels.cpu()
+        results.append(Detections(boxes=b, scores=scores, labels=labels, masks=m, image_size=size))
+    return results

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from engine.config import MaskRCNNConfig
 from engine.inputs import as_rgb_uint8_images
-from engine.postprocess import to_original_frame
+from engine.postprocess import MASK_FORMATS, to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
 from weights import build_model, load_checkpoint
@@ -67,6 +67,10 @@ class Predictor:
             ``maskrcnn_resnet50_fpn``, batch-norm eps read from the file).
         score_threshold, nms_threshold, detections_per_image, mask_threshold: override those
             fields of the configuration.
+        mask_format: "full" (bool [N, H, W] masks) or "box" (:class:`engine.results.BoxMasks`:
+            each mask kept only inside its pasted box, expanded on demand; for very large images
+            or many detections).
+        max_chunk_bytes: paste at most this many output bytes per launch (default: from free memory).
     """
 
     def __init__(
@@ -80,7 +84,13 @@ class Predictor:
         nms_threshold: float | None = None,
         detections_per_image: int | None = None,
         mask_threshold: float | None = None,
+        mask_format: str = "full",
+        max_chunk_bytes: int | None = None,
     ) -> None:
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {', '.join(map(repr, MASK_FORMATS))}; got {mask_format!r}")
+        self.mask_format = mask_format
+        self.max_chunk_bytes = max_chunk_bytes
         self.device = resolve_device(device)
         checkpoint = load_checkpoint(weights)
         config = checkpoint.config if config is None else config
@@ -135,4 +145,6 @@ class Predictor:
             image_sizes=batch.image_sizes,
             original_sizes=batch.original_sizes,
             config=self.config,
+            mask_format=self.mask_format,
+            max_chunk_bytes=self.max_chunk_bytes,
         )

@@ -1,13 +1,20 @@
-"""Run a Mask R-CNN checkpoint on image files and write overlays (masks, boxes, labels, scores).
+"""Run a Mask R-CNN checkpoint on image files and write overlays and COCO-format results.
 
-    python examples/demo.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth photo1.jpg photo2.png --output out/
+    python examples/demo.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth photos/ "more/*.jpg" --output out/
 
-Each input ``NAME.ext`` gets ``OUTPUT/NAME_overlay.png``. Inputs are never overwritten.
+Inputs are image files, folders (their images, sorted) and glob patterns. Each input
+``NAME.ext`` gets ``OUTPUT/NAME_overlay.png`` (translucent masks, boxes, class names,
+scores), and ``OUTPUT/results.json`` holds every detection in the COCO results format
+with RLE masks (``image_id`` is the input's position; ``OUTPUT/images.json`` maps ids to
+files). Every file is written atomically (temporary file, then rename), and no input is
+ever overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import sys
 import time
@@ -20,28 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import Predictor  # noqa: E402
+from engine.class_names import default_class_names, load_class_names  # noqa: E402
 from engine.results import Detections  # noqa: E402
 
-# torchvision's 91 COCO slots: index = COCO category id, "N/A" where COCO has no class
-COCO_91 = (
-    "__background__ person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant N/A "
-    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe N/A backpack umbrella "
-    "N/A N/A handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
-    "surfboard tennis_racket bottle N/A wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli "
-    "carrot hot_dog pizza donut cake chair couch potted_plant bed N/A dining_table N/A N/A toilet N/A tv laptop "
-    "mouse remote keyboard cell_phone microwave oven toaster sink refrigerator N/A book clock vase scissors "
-    "teddy_bear hair_drier toothbrush"
-)
-COCO_91 = tuple(n if n.startswith("__") else n.replace("_", " ") for n in COCO_91.split())
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def class_names(num_classes: int) -> list[str]:
-    """COCO names for torchvision's 91-slot layout; plain indices otherwise."""
-    if num_classes == len(COCO_91):
-        return list(COCO_91)
-    return [f"class {i}" for i in range(num_classes)]
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -54,7 +43,7 @@ def colour(i: int) -> tuple[int, int, int]:
 def draw(image_bgr: np.ndarray, det: Detections, names: list[str], *, alpha: float = 0.45) -> np.ndarray:
     """Overlay translucent masks, boxes and 'label score' captions on a copy of the image."""
     out = image_bgr.copy()
-    masks = det.masks.cpu().numpy()
+    masks = det.full_masks().cpu().numpy()
     boxes = det.boxes.cpu().numpy()
     labels = det.labels.cpu().numpy()
     scores = det.scores.cpu().numpy()
@@ -77,35 +66,87 @@ def draw(image_bgr: np.ndarray, det: Detections, names: list[str], *, alpha: flo
     return out
 
 
-def write_atomically(path: Path, image_bgr: np.ndarray) -> None:
+def write_atomically(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if not cv2.imwrite(str(tmp), image_bgr):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
-def collect_inputs(paths: list[str]) -> list[Path]:
+def write_image(path: Path, image_bgr: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), image_bgr):
+            raise OSError(f"could not write {tmp}")
+
+    write_atomically(path, write)
+
+
+def write_json(path: Path, payload) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload)))
+
+
+def collect_inputs(patterns: list[str]) -> list[Path]:
+    """Image files from files, folders (sorted, not recursive) and glob patterns, in the order given, without repeats."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    for pattern in patterns:
+        p = Path(pattern)
         if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
-            files.append(p)
+            found = [p]
+        elif glob.has_magic(pattern):
+            found = sorted(Path(f) for f in glob.glob(pattern) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
         else:
-            raise SystemExit(f"error: input not found: {p}")
-    return files
+            raise SystemExit(f"error: input not found: {pattern}")
+        files.extend(found)
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+class Progress:
+    """A one-line progress bar on a terminal, a line per batch otherwise (as in logs)."""
+
+    def __init__(self, total: int, *, stream=sys.stderr) -> None:
+        self.total, self.stream, self.start = total, stream, time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, done: int) -> None:
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} images, {rate:.2f} images/s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="image files or folders")
+    ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     ap.add_argument("--weights", help="torchvision Mask R-CNN checkpoint (.pth state dict)")
-    ap.add_argument("--output", default="out", help="folder for the overlays (default: out)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--score-threshold", type=float, default=0.5, help="draw detections above this score")
-    ap.add_argument("--mask-threshold", type=float, default=0.5)
-    return ap.parse_args(argv)
+    ap.add_argument("--output", default="out", help="folder for overlays and results.json (default: out)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    ap.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score (default: 0.5)")
+    ap.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
+    ap.add_argument("--class-names", help="names of a fine-tuned checkpoint's classes: a file with one per line, "
+                    "or a comma-separated list, in label order without background")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be at least 1; got {args.batch_size}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -128,7 +169,20 @@ def main(argv=None) -> int:
     predictor = Predictor(
         args.weights, device=args.device, score_threshold=args.score_threshold, mask_threshold=args.mask_threshold
     )
-    names = class_names(predictor.num_classes)
+    background = predictor.config.background_index
+    if args.class_names:
+        names = load_class_names(args.class_names, num_classes=predictor.num_classes, background=background)
+    else:
+        names = default_class_names(predictor.num_classes, background=background)
+
+    def target_for(f: Path, suffix: str) -> Path:
+        target = out_dir / f"{f.stem}{suffix}"
+        if target.resolve() in inputs:
+            raise SystemExit(f"error: refusing to overwrite input {target}")
+        return target
+
+    coco_results, image_ids = [], {}
+    progress = Progress(len(files))
     start, done = time.perf_counter(), 0
     for i in range(0, len(files), args.batch_size):
         chunk = files[i : i + args.batch_size]
@@ -139,14 +193,18 @@ def main(argv=None) -> int:
                 raise SystemExit(f"error: could not read image {f}")
             bgr.append(im)
         results = predictor.run([np.ascontiguousarray(im[..., ::-1]) for im in bgr])
-        for f, im, det in zip(chunk, bgr, results):
-            target = out_dir / f"{f.stem}_overlay.png"
-            if target.resolve() in inputs:
-                raise SystemExit(f"error: refusing to overwrite input {target}")
-            write_atomically(target, draw(im, det.to("cpu"), names))
-            print(f"{f} -> {target}: {len(det)} detections")
+        for offset, (f, im, det) in enumerate(zip(chunk, bgr, results)):
+            image_id = i + offset
+            det = det.to("cpu")
+            image_ids[image_id] = str(f)
+            coco_results.extend(det.to_coco(image_id))
+            write_image(target_for(f, "_overlay.png"), draw(im, det, names))
         done += len(chunk)
+        progress.update(done)
     elapsed = time.perf_counter() - start
+    write_json(target_for(Path("results"), ".json"), coco_results)
+    write_json(target_for(Path("images"), ".json"), {str(k): v for k, v in image_ids.items()})
+    print(f"{len(coco_results)} detections in {done} images; overlays and results.json in {out_dir}")
     print(f"{done} images in {elapsed:.1f} s ({done / elapsed:.2f} images/s) on {args.device}")
     return 0
 

@@ -100,8 +100,10 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], *, ver
             report[iou_type] = {name: 0.0 for name in STAT_NAMES}
             continue
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        # loadRes turns a result that has a bbox into a box polygon, so masks are scored without it
+        scored = results if iou_type == "bbox" else [{k: v for k, v in r.items() if k != "bbox"} for r in results]
         with quiet:
-            coco_dt = coco_gt.loadRes(results)
+            coco_dt = coco_gt.loadRes(scored)
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()

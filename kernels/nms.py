@@ -1,22 +1,71 @@
-"""Non-maximum suppression: plain-PyTorch reference.
+"""Non-maximum suppression: plain-PyTorch reference and a Triton kernel.
 
 Reproduces ``torchvision.ops.nms`` / ``batched_nms``: boxes are visited in
 descending score order (stable for ties), and a kept box suppresses every later
 box whose IoU with it is strictly greater than the threshold. IoU uses areas
 ``(x2 - x1) * (y2 - y1)`` without a +1, computed in float32 like the compiled
-torchvision kernel. ``batched_nms_reference`` runs NMS independently per group
-(class or FPN level), which is what torchvision's per-class path computes; its
-coordinate-offset shortcut agrees except for float rounding of shifted boxes.
+torchvision kernel, as ``inter / ((area_i + area_j) - inter)``; the threshold is
+compared in float32 too (as torchvision's CUDA kernel does; its CPU kernel
+compares in double, which differs only when an IoU equals ``float32(threshold)``
+for a threshold that float32 rounds upwards, e.g. 0.3). Boxes of zero or
+negative area never suppress anything (their IoU is 0 or NaN).
+``batched_nms_reference`` runs NMS independently per group (class or FPN level),
+which is what torchvision's per-class path computes; its coordinate-offset
+shortcut agrees except for float rounding of shifted boxes.
 
-The Triton version (one launch per batch) belongs to the GPU-speed work; until
-then :func:`batched_nms` runs this reference on every device.
+Triton version (:func:`batched_nms_triton`), the usual GPU NMS in two launches
+for a whole batch, all on the device:
+
+1. host-side torch ops (no synchronisation): a stable sort by descending score
+   then a stable sort by group puts every group in a contiguous *segment*, by
+   descending score, ties in input order; segment ids and boundaries come from a
+   cumulative sum and a ``searchsorted``;
+2. ``_nms_suppression_mask_kernel`` computes the suppression bitmask: bit ``b``
+   of word ``w`` of row ``i`` is set when box ``j = 64 w + b`` (positions in the
+   sorted order) is in ``i``'s segment, ``j > i`` and ``IoU(i, j) > threshold``.
+   Programs tile ``[BLOCK_ROWS, BLOCK_WORDS x 64]`` pairs; tiles lying past the
+   segments of their rows do nothing;
+3. ``_nms_greedy_kernel`` runs the greedy pass, one program per segment (or a
+   few): 64 boxes at a time, a scalar chain decides each box from the current
+   word of the segment's ``removed`` bits, then the rows of the kept boxes are
+   OR-ed into the segment's later ``removed`` words (a per-segment scratch in
+   global memory). Keep flags are written by score rank;
+4. ``nonzero`` of the flags (the one synchronisation, to size the result) gives
+   the kept indices already in the reference's order (descending score across
+   groups, ties in input order), so no final sort is needed.
+
+The bitmask takes ``N * ceil(N / 64)`` int64 words (8 bytes each), like
+torchvision's CUDA ``nms`` for one call: 12.5 MB for N = 10,000, 1.25 GB for N = 100,000.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
+
+from kernels._dispatch import use_triton
+
+try:  # triton is an optional dependency (Linux only); the reference needs only torch
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = [
+    "batched_nms",
+    "batched_nms_reference",
+    "batched_nms_triton",
+    "nms_reference",
+    "nms_triton",
+]
 
 
 def _check_nms_inputs(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -30,10 +79,20 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor, iou_threshold: float) -> No
         raise ValueError(f"iou_threshold must lie in [0, 1]; got {iou_threshold}")
 
 
+def _check_groups(groups: Tensor, scores: Tensor) -> None:
+    if not isinstance(groups, Tensor) or groups.shape != scores.shape:
+        raise ValueError(f"groups must be a tensor [N] matching scores; got {_describe(groups)}")
+
+
 def _describe(x) -> str:
     if isinstance(x, Tensor):
         return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------------------
 
 
 def _suppression_matrix(boxes: Tensor, iou_threshold: float) -> np.ndarray:
@@ -89,8 +148,7 @@ def batched_nms_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thr
         int64 [K] kept indices, in descending score order across all groups (stable for ties).
     """
     _check_nms_inputs(boxes, scores, iou_threshold)
-    if not isinstance(groups, Tensor) or groups.shape != scores.shape:
-        raise ValueError(f"groups must be a tensor [N] matching scores; got {_describe(groups)}")
+    _check_groups(groups, scores)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     kept = []
@@ -101,6 +159,284 @@ def batched_nms_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thr
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+_BITS_PER_WORD = 64  # suppression bitmask words are int64
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _nms_suppression_mask_kernel(
+        boxes_ptr,  # float32 [N, 4] x1 y1 x2 y2, sorted: segments by group, descending score inside
+        segment_ids_ptr,  # int32 [N], the segment of each sorted box (non-decreasing)
+        mask_ptr,  # int64 [N, num_words] (out): bit b of word w of row i <=> i suppresses box 64 w + b
+        N,
+        num_words,  # ceil(N / 64)
+        iou_threshold,  # float32
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_WORDS: tl.constexpr,
+    ):
+        """One program: rows ``[BLOCK_ROWS]`` x columns ``[BLOCK_WORDS, 64]`` of the bitmask.
+
+        The word range starts at the word holding the block's first row (columns before
+        it can only hold boxes j < i), so program_id(1) counts words from the diagonal.
+        A tile whose first column is past the segment of the block's last row (or past
+        N) has no pair to compare and writes nothing: the greedy pass never reads
+        words past a row's segment.
+        """
+        first_row = tl.program_id(0) * BLOCK_ROWS
+        first_word = first_row // 64 + tl.program_id(1) * BLOCK_WORDS
+        first_col = first_word * 64
+        last_row = tl.minimum(first_row + BLOCK_ROWS, N) - 1
+        last_row_segment = tl.load(segment_ids_ptr + last_row)
+        first_col_segment = tl.load(segment_ids_ptr + first_col, mask=first_col < N, other=0)
+        if (first_col < N) & (first_col_segment <= last_row_segment):
+            rows = first_row + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < N
+            words = first_word + tl.arange(0, BLOCK_WORDS)
+            bit = tl.arange(0, 64)
+            cols = words[:, None] * 64 + bit[None, :]  # [BLOCK_WORDS, 64]
+            col_ok = cols < N
+
+            # lanes past N read the unit box [0, 0, 1, 1] (no 0 / 0); their bits are masked below
+            row_x1 = tl.load(boxes_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
+            row_y1 = tl.load(boxes_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+            row_x2 = tl.load(boxes_ptr + rows * 4 + 2, mask=row_ok, other=1.0)
+            row_y2 = tl.load(boxes_ptr + rows * 4 + 3, mask=row_ok, other=1.0)
+            col_x1 = tl.load(boxes_ptr + cols * 4 + 0, mask=col_ok, other=0.0)
+            col_y1 = tl.load(boxes_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
+            col_x2 = tl.load(boxes_ptr + cols * 4 + 2, mask=col_ok, other=1.0)
+            col_y2 = tl.load(boxes_ptr + cols * 4 + 3, mask=col_ok, other=1.0)
+            row_segment = tl.load(segment_ids_ptr + rows, mask=row_ok, other=-1)
+            col_segment = tl.load(segment_ids_ptr + cols, mask=col_ok, other=-2)
+
+            row_area = (row_x2 - row_x1) * (row_y2 - row_y1)
+            col_area = (col_x2 - col_x1) * (col_y2 - col_y1)
+            # [BLOCK_ROWS, BLOCK_WORDS, 64] pairs; NaN/inf coordinates make the union NaN,
+            # so min/max NaN conventions cannot change the comparison below
+            inter_w = tl.minimum(row_x2[:, None, None], col_x2[None, :, :]) - tl.maximum(
+                row_x1[:, None, None], col_x1[None, :, :]
+            )
+            inter_h = tl.minimum(row_y2[:, None, None], col_y2[None, :, :]) - tl.maximum(
+                row_y1[:, None, None], col_y1[None, :, :]
+            )
+            inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+            union = (row_area[:, None, None] + col_area[None, :, :]) - inter
+            iou = tl.math.div_rn(inter, union)
+            suppresses = (
+                (iou > iou_threshold)
+                & (cols[None, :, :] > rows[:, None, None])
+                & (col_segment[None, :, :] == row_segment[:, None, None])
+            )
+            bit_value = tl.full([64], 1, tl.int64) << bit.to(tl.int64)  # bit 63 is the sign bit
+            # distinct powers of two: their sum is their bitwise OR (no carries, no overflow)
+            word_bits = tl.sum(tl.where(suppresses, bit_value[None, None, :], 0), axis=2)
+            dst = mask_ptr + rows[:, None].to(tl.int64) * num_words + words[None, :]
+            tl.store(dst, word_bits, mask=row_ok[:, None] & (words < num_words)[None, :])
+
+    @triton.jit
+    def _nms_greedy_kernel(
+        mask_ptr,  # int64 [N, num_words] from _nms_suppression_mask_kernel
+        segment_ids_ptr,  # int32 [N]; segment_ids[N - 1] + 1 segments
+        segment_bounds_ptr,  # int64 [N + 1]: segment s is sorted positions [bounds[s], bounds[s + 1])
+        score_rank_ptr,  # int64 [N]: rank in the descending-score order of each sorted box
+        removed_ptr,  # int64 [N] zeros (scratch): segment s's removed words at [bounds[s], ...)
+        keep_ptr,  # int8 [N] (out), indexed by score rank
+        N,
+        num_words,
+        SEGMENTS_PER_PROGRAM: tl.constexpr,
+        PROPAGATE_WORDS: tl.constexpr,
+    ):
+        """Greedy NMS over segments ``[pid * SEGMENTS_PER_PROGRAM, ...)``, one after another.
+
+        For each 64-box word of a segment: the scalar chain visits the boxes in order; a
+        box not yet removed is kept and its row's bits for this word are OR-ed into the
+        current removed word (later boxes of the word then see it). The rows of the kept
+        boxes are then OR-ed into the segment's later removed words, PROPAGATE_WORDS at a
+        time. A segment of L boxes spans at most L words, so its scratch words
+        ``[start, start + words)`` stay inside its own positions.
+        """
+        num_segments = tl.load(segment_ids_ptr + N - 1) + 1
+        first_segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM
+        end_segment = tl.minimum(first_segment + SEGMENTS_PER_PROGRAM, num_segments)
+        bit = tl.arange(0, 64)
+        one = tl.full([], 1, tl.int64)
+        for segment in range(first_segment, end_segment):
+            start = tl.load(segment_bounds_ptr + segment)
+            end = tl.load(segment_bounds_ptr + segment + 1)
+            start_word = start // 64
+            end_word = (end - 1) // 64 + 1
+            for word in range(start_word, end_word):
+                removed_word = tl.load(removed_ptr + start + (word - start_word))
+                kept_bits = tl.zeros_like(removed_word)
+                for b in tl.static_range(64):
+                    box = word * 64 + b
+                    in_segment = (box >= start) & (box < end)
+                    # independent of the chain, so these loads can all be issued up front
+                    row_word = tl.load(mask_ptr + box * num_words + word, mask=in_segment, other=0)
+                    kept = in_segment & (((removed_word >> b) & 1) == 0)
+                    removed_word = removed_word | tl.where(kept, row_word, 0)
+                    kept_bits = kept_bits | tl.where(kept, one << b, 0)
+
+                word_boxes = word * 64 + bit
+                word_in_segment = (word_boxes >= start) & (word_boxes < end)
+                rank = tl.load(score_rank_ptr + word_boxes, mask=word_in_segment, other=0)
+                tl.store(keep_ptr + rank, ((kept_bits >> bit) & 1).to(tl.int8), mask=word_in_segment)
+
+                for later_word in range(word + 1, end_word, PROPAGATE_WORDS):
+                    later = later_word + tl.arange(0, PROPAGATE_WORDS)
+                    later_ok = later < end_word
+                    suppressed = tl.zeros([PROPAGATE_WORDS], tl.int64)
+                    for b in tl.static_range(64):
+                        row_kept = ((kept_bits >> b) & 1) != 0
+                        row = mask_ptr + (word * 64 + b) * num_words + later
+                        suppressed = suppressed | tl.load(row, mask=later_ok & row_kept, other=0)
+                    scratch = removed_ptr + start + (later - start_word)
+                    previous = tl.load(scratch, mask=later_ok, other=0)
+                    tl.store(scratch, previous | suppressed, mask=later_ok)
+                # the next word's removed bits were stored by other threads of this program
+                tl.debug_barrier()
+
+
+@dataclass(frozen=True)
+class _NmsTiles:
+    """Launch shapes (powers of two): mask tile rows and words, segments per greedy
+    program, words OR-ed per step of the greedy pass's propagation."""
+
+    block_rows: int
+    block_words: int
+    segments_per_program: int
+    propagate_words: int
+    mask_warps: int = 4
+    greedy_warps: int = 1
+
+
+# GPU: small tiles, one program per segment (idle programs exit at once).
+_CUDA_TILES = _NmsTiles(block_rows=64, block_words=1, segments_per_program=1, propagate_words=32, mask_warps=8)
+# Interpreter (~10 ms per program instance, vector ops nearly free): few, large programs.
+_INTERPRETER_TILES = _NmsTiles(block_rows=128, block_words=8, segments_per_program=64, propagate_words=32)
+
+
+def _check_triton_inputs(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, name: str) -> None:
+    _check_nms_inputs(boxes, scores, iou_threshold)
+    _check_groups(groups, scores)
+    if not _HAS_TRITON:
+        raise RuntimeError(f"{name} needs the `triton` package; use batched_nms_reference")
+    for label, t in (("scores", scores), ("groups", groups)):
+        if t.device != boxes.device:
+            raise ValueError(f"{label} is on {t.device} but boxes are on {boxes.device}; they must share a device")
+    if boxes.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{name} runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); got tensors on {boxes.device}"
+        )
+
+
+def _keep_flags_by_score_rank(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, tiles: _NmsTiles
+) -> tuple[Tensor, Tensor]:
+    """Runs both kernels; returns ``(keep, by_score)`` for N >= 1, no host synchronisation.
+
+    ``by_score``: int64 [N], the indices by descending score, ties in input order
+    (the reference's final order); ``keep``: int8 [N], ``keep[r]`` is 1 when box
+    ``by_score[r]`` survives NMS within its group.
+    """
+    n = boxes.shape[0]
+    dev = boxes.device
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    by_group = torch.sort(groups[by_score], stable=True)  # stable: descending score inside a group
+    score_rank = by_group.indices  # sorted position -> rank in by_score
+    sorted_boxes = boxes.index_select(0, by_score[score_rank]).to(torch.float32).contiguous()
+    sorted_groups = by_group.values
+    segment_starts = torch.ones(n, dtype=torch.bool, device=dev)
+    segment_starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    segment_ids = torch.cumsum(segment_starts, 0, dtype=torch.int32) - 1
+    # bounds[s] = first position of segment s (N for s >= number of segments)
+    segment_bounds = torch.searchsorted(segment_ids, torch.arange(n + 1, dtype=torch.int32, device=dev))
+
+    num_words = triton.cdiv(n, _BITS_PER_WORD)
+    mask = torch.empty((n, num_words), dtype=torch.int64, device=dev)
+    removed = torch.zeros(n, dtype=torch.int64, device=dev)
+    keep = torch.zeros(n, dtype=torch.int8, device=dev)
+
+    grid = (triton.cdiv(n, tiles.block_rows), triton.cdiv(num_words, tiles.block_words))
+    _nms_suppression_mask_kernel[grid](
+        sorted_boxes,
+        segment_ids,
+        mask,
+        n,
+        num_words,
+        float(iou_threshold),
+        BLOCK_ROWS=tiles.block_rows,
+        BLOCK_WORDS=tiles.block_words,
+        num_warps=tiles.mask_warps,
+        enable_fp_fusion=False,
+    )
+    _nms_greedy_kernel[(triton.cdiv(n, tiles.segments_per_program),)](
+        mask,
+        segment_ids,
+        segment_bounds,
+        score_rank,
+        removed,
+        keep,
+        n,
+        num_words,
+        SEGMENTS_PER_PROGRAM=tiles.segments_per_program,
+        PROPAGATE_WORDS=tiles.propagate_words,
+        num_warps=tiles.greedy_warps,
+    )
+    return keep, by_score
+
+
+def _default_tiles(device: torch.device) -> _NmsTiles:
+    return _CUDA_TILES if device.type == "cuda" else _INTERPRETER_TILES
+
+
+def batched_nms_triton(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Per-group NMS in two Triton launches for the whole batch; same contract as
+    :func:`batched_nms_reference`.
+
+    Args:
+        boxes: float [N, 4] (any float dtype; compared in float32), x1 y1 x2 y2.
+        scores: [N], same device; only their order matters.
+        groups: [N] ids, same device (callers combine image and class/level into one id).
+        iou_threshold: float in [0, 1], compared in float32.
+
+    Returns:
+        int64 [K] kept indices on boxes' device, by descending score across groups,
+        ties in input order, equal to :func:`batched_nms_reference`'s.
+
+    Everything up to the keep flags runs on the device without synchronising (sorts,
+    cumsum, searchsorted, the two kernels); the final ``nonzero`` synchronises once to
+    size the result. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    Inputs are not modified; N == 0 launches nothing.
+    """
+    _check_triton_inputs(boxes, scores, groups, iou_threshold, "batched_nms_triton")
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    keep, by_score = _keep_flags_by_score_rank(boxes, scores, groups, iou_threshold, _default_tiles(boxes.device))
+    return by_score[torch.nonzero(keep).squeeze(1)]
+
+
+def nms_triton(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """NMS of one group in Triton; same contract as :func:`nms_reference` (see :func:`batched_nms_triton`)."""
+    _check_nms_inputs(boxes, scores, iou_threshold)
+    groups = torch.zeros(boxes.shape[0], dtype=torch.int32, device=boxes.device)
+    return batched_nms_triton(boxes, scores, groups, iou_threshold)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """Per-group NMS on any device (the reference until the Triton kernel lands)."""
-    return batched_nms_reference(boxes, scores, groups, iou_threshold)
+    """Per-group NMS: the Triton kernels for CUDA tensors, the reference otherwise.
+
+    See :func:`batched_nms_reference` for the contract and :mod:`kernels._dispatch` for
+    the choice (``ENGINE_FORCE_REFERENCE=1`` / ``ENGINE_FORCE_TRITON=1`` force either).
+    """
+    _check_nms_inputs(boxes, scores, iou_threshold)
+    fn = batched_nms_triton if (_HAS_TRITON and use_triton(boxes)) else batched_nms_reference
+    return fn(boxes, scores, groups, iou_threshold)

@@ -20,6 +20,22 @@ Coordinates are original-image pixels (x to the right, y down). Boxes whose
 expanded integer box misses the image contribute nothing (an all-zero plane);
 torchvision raises a shape error for most of those instead.
 
+Crop mode (``crop=True``): instead of full ``(H, W)`` planes, each detection gets
+only its *paste region*, the expanded integer box of step 2 clipped to the image
+(outside it the full plane holds the outside value, ``0 > threshold``, i.e. all
+False for any threshold >= 0). Per image the result is a pair ``(data, table)``:
+
+- ``data``: 1-D tensor (torch.bool when thresholded, else float32) on masks'
+  device, the row-major crops of the image's detections back to back;
+- ``table``: int64 ``[n, 5]`` on the CPU, one row ``(offset, y0, x0, h, w)`` per
+  detection: its crop is ``data[offset : offset + h * w].view(h, w)`` and covers
+  rows ``[y0, y0 + h)`` and columns ``[x0, x0 + w)`` of the image (image pixels).
+  A region that misses the image has ``h = w = 0`` (an empty crop; ``y0, x0``
+  are then the clamped corner and carry no meaning).
+
+Crop mode copies the integer boxes to the host (``N x 4`` ints, one sync) to size
+the buffer; :func:`crop_tables` gives the same tables without pasting.
+
 Three functions share one signature: :func:`paste_masks_reference` (plain
 PyTorch, the CPU path and the test oracle), :func:`paste_masks_triton` (one
 Triton launch for all detections of a batch) and the dispatcher
@@ -63,7 +79,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["paste_masks", "paste_masks_reference", "paste_masks_triton"]
+__all__ = ["crop_tables", "paste_masks", "paste_masks_reference", "paste_masks_triton"]
 
 # Tile of image pixels handled per program / loop iteration of the kernel.
 _BLOCK_H = 32
@@ -89,6 +105,12 @@ def _as_int(value, what: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{what} must be an int; got {_describe(value)}") from None
+
+
+def _check_crop(crop) -> bool:
+    if not isinstance(crop, (bool, np.bool_)):
+        raise TypeError(f"crop must be a bool; got {_describe(crop)}")
+    return bool(crop)
 
 
 def _check_inputs(masks, boxes, counts, image_sizes, threshold, padding):
@@ -169,7 +191,73 @@ def _expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=1).to(torch.int64)
 
 
-def paste_masks_reference(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+def _paste_regions(int_boxes: Tensor, counts: list[int], sizes: list[tuple[int, int]]) -> Tensor:
+    """int64 [N, 4] on the CPU: (y0, x0, h, w) of each detection's paste region.
+
+    The region is the expanded integer box ``[x1, x2] x [y1, y2]`` (inclusive, as
+    :func:`_expanded_int_boxes` gives it) clipped to its image ``[0, W) x [0, H)``.
+    A region that misses the image is reported as ``h = w = 0`` with the corner
+    clamped into ``[0, H] x [0, W]``.
+    """
+    ib = int_boxes.cpu()
+    reps = torch.tensor(counts, dtype=torch.int64)
+    im_h = torch.tensor([h for h, _ in sizes], dtype=torch.int64).repeat_interleave(reps)
+    im_w = torch.tensor([w for _, w in sizes], dtype=torch.int64).repeat_interleave(reps)
+    y0 = torch.minimum(ib[:, 1].clamp(min=0), im_h)
+    x0 = torch.minimum(ib[:, 0].clamp(min=0), im_w)
+    h = (torch.minimum(ib[:, 3] + 1, im_h) - y0).clamp(min=0)
+    w = (torch.minimum(ib[:, 2] + 1, im_w) - x0).clamp(min=0)
+    empty = (h == 0) | (w == 0)
+    h = h.masked_fill(empty, 0)
+    w = w.masked_fill(empty, 0)
+    return torch.stack((y0, x0, h, w), dim=1)
+
+
+def _crop_tables(boxes: Tensor, counts: list[int], sizes: list[tuple[int, int]], m: int, padding: int):
+    """(int boxes int64 [N, 4] CPU, per-image int64 [n_i, 5] CPU tables (offset, y0, x0, h, w)).
+
+    Offsets are relative to each image's crop buffer: crops are laid out row-major,
+    back to back, in detection order.
+    """
+    int_boxes = _expanded_int_boxes(boxes, _box_scale(m, padding)).cpu()  # the one device -> host copy
+    regions = _paste_regions(int_boxes, counts, sizes)
+    tables, start = [], 0
+    for n in counts:
+        reg = regions[start : start + n]
+        area = reg[:, 2] * reg[:, 3]
+        offsets = torch.cumsum(area, 0) - area
+        tables.append(torch.cat((offsets[:, None], reg), dim=1))
+        start += n
+    return int_boxes, tables
+
+
+def crop_tables(boxes, counts, image_sizes, *, mask_size: int = 28, padding: int = 1) -> list[Tensor]:
+    """The crop layout that ``paste_masks*(..., crop=True)`` produces, without pasting.
+
+    Args:
+        boxes: float32 [N, 4] x1 y1 x2 y2 in each detection's original-image pixels.
+        counts, image_sizes: as for :func:`paste_masks_reference`.
+        mask_size: M, the side of the masks that will be pasted; padding: as for the paste.
+
+    Returns:
+        Per image int64 [n_i, 5] on the CPU, rows ``(offset, y0, x0, h, w)`` (see the
+        module docstring); ``table[:, 3] * table[:, 4]`` summed is the image's crop buffer
+        length. Copies the integer boxes to the host.
+    """
+    mask_size = _as_int(mask_size, "mask_size")
+    if mask_size < 1:
+        raise ValueError(f"mask_size must be >= 1; got {mask_size}")
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be a torch.Tensor float32 [N, 4]; got {_describe(boxes)}")
+    n = boxes.shape[0] if boxes.dim() >= 1 else 0
+    masks = torch.zeros((1, mask_size, mask_size), device=boxes.device).expand(n, mask_size, mask_size)
+    counts, sizes, _, padding = _check_inputs(masks, boxes, counts, image_sizes, None, padding)
+    return _crop_tables(boxes, counts, sizes, mask_size, padding)[1]
+
+
+def paste_masks_reference(
+    masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1, crop=False
+) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
     """Pastes per-detection masks into their images (plain PyTorch; CPU path and test oracle).
 
     Args:
@@ -181,37 +269,58 @@ def paste_masks_reference(masks, boxes, counts, image_sizes, *, threshold=0.5, p
         threshold: float -> torch.bool masks ``prob > threshold``; None -> float32
             probabilities (what torchvision's ``paste_masks_in_image`` returns).
         padding: zero border added to each mask before resizing (torchvision: 1).
+        crop: False -> full planes; True -> only each detection's paste region.
 
     Returns:
-        One tensor per image, [n_i, H_i, W_i], torch.bool (thresholded) or float32,
-        on masks' device. Inputs are not modified.
+        ``crop=False``: one tensor per image, [n_i, H_i, W_i], torch.bool
+        (thresholded) or float32, on masks' device.
+        ``crop=True``: one ``(data, table)`` pair per image (module docstring):
+        ``data`` 1-D torch.bool or float32 on masks' device, ``table`` int64
+        [n_i, 5] ``(offset, y0, x0, h, w)`` on the CPU; each crop equals the full
+        plane's ``[y0:y0 + h, x0:x0 + w]``.
+        Inputs are not modified.
 
     Each detection resizes its padded mask only to its own box size and writes the
     part inside the image; no full-image float temporaries are made.
     """
     counts, sizes, thr, padding = _check_inputs(masks, boxes, counts, image_sizes, threshold, padding)
+    crop = _check_crop(crop)
     thresholded = thr is not None
     dtype = torch.bool if thresholded else torch.float32
     fill = _outside_value(thr)
-    outs = [torch.full((n, h, w), fill, dtype=dtype, device=masks.device) for n, (h, w) in zip(counts, sizes)]
     n_total, m = masks.shape[0], masks.shape[-1]
-    if n_total == 0:
-        return outs
-    int_boxes = _expanded_int_boxes(boxes, _box_scale(m, padding)).tolist()
-    det = 0
-    for out, n, (im_h, im_w) in zip(outs, counts, sizes):
-        for j in range(n):
-            bx1, by1, bx2, by2 = int_boxes[det]
-            w = max(bx2 - bx1 + 1, 1)
-            h = max(by2 - by1 + 1, 1)
-            x0, x1 = max(bx1, 0), min(bx2 + 1, im_w)
-            y0, y1 = max(by1, 0), min(by2 + 1, im_h)
-            if x1 > x0 and y1 > y0:
-                padded = F.pad(masks[det][None, None], (padding,) * 4)
-                resized = F.interpolate(padded, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                crop = resized[y0 - by1 : y1 - by1, x0 - bx1 : x1 - bx1]
-                out[j, y0:y1, x0:x1] = crop > thr if thresholded else crop
-            det += 1
+    if crop:
+        int_boxes, tables = _crop_tables(boxes, counts, sizes, m, padding)
+        datas = [
+            torch.full((int((t[:, 3] * t[:, 4]).sum()),), fill, dtype=dtype, device=masks.device) for t in tables
+        ]
+        planes = [
+            data[off : off + h * w].view(h, w)
+            for data, t in zip(datas, tables)
+            for off, _, _, h, w in t.tolist()
+        ]
+        regions = torch.cat(tables)[:, 1:].tolist() if tables else []
+        outs = list(zip(datas, tables))
+    else:
+        outs = [torch.full((n, h, w), fill, dtype=dtype, device=masks.device) for n, (h, w) in zip(counts, sizes)]
+        if n_total == 0:
+            return outs
+        int_boxes = _expanded_int_boxes(boxes, _box_scale(m, padding)).cpu()
+        regions = _paste_regions(int_boxes, counts, sizes).tolist()
+        planes = [out[j] for out in outs for j in range(out.shape[0])]
+    for det, (plane, (y0, x0, h, w), (bx1, by1, bx2, by2)) in enumerate(zip(planes, regions, int_boxes.tolist())):
+        if h == 0:
+            continue
+        box_w = max(bx2 - bx1 + 1, 1)
+        box_h = max(by2 - by1 + 1, 1)
+        padded = F.pad(masks[det][None, None], (padding,) * 4)
+        resized = F.interpolate(padded, size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
+        region = resized[y0 - by1 : y0 + h - by1, x0 - bx1 : x0 + w - bx1]
+        region = region > thr if thresholded else region
+        if crop:
+            plane.copy_(region)
+        else:
+            plane[y0 : y0 + h, x0 : x0 + w] = region
     return outs
 
 
@@ -254,7 +363,7 @@ if _HAS_TRITON:
     def _paste_masks_kernel(
         masks_ptr,  # float32 [N, M, M], contiguous
         boxes_ptr,  # float32 [N, 4], contiguous
-        meta_ptr,  # int64 [N, 3]: (element offset of the detection's plane in out, H, W)
+        meta_ptr,  # int64 [N, 6]: (base, oy, ox, row_stride, lim_y, lim_x), see below
         out_ptr,  # uint8 (thresholded) or float32 flat buffer, pre-filled with the outside value
         M,  # mask side
         PAD,  # zero padding per side
@@ -266,7 +375,12 @@ if _HAS_TRITON:
         BLOCK_H: tl.constexpr,
         BLOCK_W: tl.constexpr,
     ):
-        # Program (d, band): detection d, image rows [band * BLOCK_H, band * BLOCK_H + BLOCK_H).
+        # Output layout of detection d (one kernel for full planes and crops): image pixel
+        # (r, c) is stored at out[base + (r - oy) * row_stride + (c - ox)], and only pixels with
+        # oy <= r < lim_y, ox <= c < lim_x are written. Full planes: (plane offset, 0, 0, W, H, W);
+        # crops: (crop offset, y0, x0, w, y0 + h, x0 + w).
+        # Program (d, band): detection d, rows [row_lo + band * BLOCK_H, ... + BLOCK_H) of its
+        # paste region clipped to the limits (row_lo: the region's first row).
         d = tl.program_id(0).to(tl.int64)
         band = tl.program_id(1)
 
@@ -288,17 +402,20 @@ if _HAS_TRITON:
         box_w = tl.maximum(bx2 - bx1 + 1, 1)
         box_h = tl.maximum(by2 - by1 + 1, 1)
 
-        plane = tl.load(meta_ptr + d * 3 + 0)
-        im_h = tl.load(meta_ptr + d * 3 + 1)
-        im_w = tl.load(meta_ptr + d * 3 + 2)
+        base = tl.load(meta_ptr + d * 6 + 0)
+        oy = tl.load(meta_ptr + d * 6 + 1)
+        ox = tl.load(meta_ptr + d * 6 + 2)
+        row_stride = tl.load(meta_ptr + d * 6 + 3)
+        lim_y = tl.load(meta_ptr + d * 6 + 4)
+        lim_x = tl.load(meta_ptr + d * 6 + 5)
 
-        # Paste region clipped to the image, intersected with this band of rows.
-        col_lo = tl.maximum(bx1, 0)
-        col_hi = tl.minimum(bx2 + 1, im_w)
-        row_lo = tl.maximum(by1, 0)
-        row_hi = tl.minimum(by2 + 1, im_h)
-        band_start = band * BLOCK_H
-        row_lo = tl.maximum(row_lo, band_start)
+        # Paste region clipped to the limits, intersected with this band of rows.
+        col_lo = tl.maximum(bx1, ox)
+        col_hi = tl.minimum(bx2 + 1, lim_x)
+        row_lo = tl.maximum(by1, oy)
+        row_hi = tl.minimum(by2 + 1, lim_y)
+        band_start = row_lo + band * BLOCK_H
+        row_lo = band_start
         row_hi = tl.minimum(row_hi, band_start + BLOCK_H)
         # Empty column loop when the band misses the box.
         col_end = tl.where(row_lo < row_hi, col_hi, col_lo)
@@ -323,7 +440,7 @@ if _HAS_TRITON:
         mask_base = masks_ptr + d * M * M
         row0_ptr = mask_base + (my0 * M)[:, None]
         row1_ptr = mask_base + (my1 * M)[:, None]
-        out_rows = out_ptr + plane + (rows.to(tl.int64) * im_w)[:, None]
+        out_rows = out_ptr + base + ((rows.to(tl.int64) - oy) * row_stride - ox)[:, None]
         row_ok = row_ok[:, None]
         cols_in_tile = tl.arange(0, BLOCK_W)
 
@@ -366,25 +483,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
 
 
-def paste_masks_triton(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+def paste_masks_triton(
+    masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1, crop=False
+) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
     """Pastes per-detection masks into their images with one Triton launch for the whole batch.
 
     Same arguments, results and semantics as :func:`paste_masks_reference`
-    (torchvision's ``paste_masks_in_image``, then ``> threshold`` when given).
-    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
+    (torchvision's ``paste_masks_in_image``, then ``> threshold`` when given;
+    ``crop=True`` for paste regions only). Needs CUDA tensors, or CPU tensors with
+    ``TRITON_INTERPRET=1``.
 
     Layout: one flat buffer (uint8 viewed as bool, or float32) holds every
-    detection's full image plane back to back, pre-filled with the value of
-    pixels outside every box; the kernel writes only inside each clipped box.
-    The returned per-image tensors are views of that buffer. Grid:
-    ``(N, cdiv(max_H, BLOCK_H))``; a program handles BLOCK_H image rows of one
-    detection and loops over the box's columns in BLOCK_W chunks. Peak memory is
-    the outputs plus O(N) metadata. The threshold is a compile-time constant: each
-    distinct threshold compiles the kernel once.
+    detection's output back to back, pre-filled with the value of pixels outside
+    every box: full image planes, or (crop mode) the row-major crops of their
+    paste regions. The kernel writes only inside each clipped box; per-detection
+    metadata (base offset, origin, row stride, clip limits) tells it where, so both
+    layouts share one kernel. The returned per-image tensors are views of that
+    buffer. Grid: ``(N, cdiv(R, BLOCK_H))`` with R the largest image height (full
+    mode) or crop height (crop mode); a program handles BLOCK_H rows of one
+    detection's region and loops over the box's columns in BLOCK_W chunks. Peak
+    memory is the outputs plus O(N) metadata. Full mode does not synchronise with
+    the host; crop mode copies the N x 4 integer boxes to the host to size the
+    buffer. The threshold is a compile-time constant: each distinct threshold
+    compiles the kernel once.
     """
     if not _HAS_TRITON:
         raise RuntimeError("paste_masks_triton needs the triton package; use paste_masks_reference")
     counts, sizes, thr, padding = _check_inputs(masks, boxes, counts, image_sizes, threshold, padding)
+    crop = _check_crop(crop)
     device = masks.device
     if device.type != "cuda" and not _interpreting():
         raise ValueError(
@@ -393,31 +519,44 @@ def paste_masks_triton(masks, boxes, counts, image_sizes, *, threshold=0.5, padd
     thresholded = thr is not None
     n_total, m = masks.shape[0], masks.shape[-1]
 
-    # Flat output buffer and per-detection (plane offset, H, W).
-    plane_sizes = [h * w for h, w in sizes]
+    # Flat output buffer and per-detection metadata (base, oy, ox, row_stride, lim_y, lim_x).
+    if crop:
+        _, tables = _crop_tables(boxes, counts, sizes, m, padding)
+        lengths = [int((t[:, 3] * t[:, 4]).sum()) for t in tables]
+    else:
+        lengths = [n * h * w for n, (h, w) in zip(counts, sizes)]
     image_starts, total = [], 0
-    for n, ps in zip(counts, plane_sizes):
+    for length in lengths:
         image_starts.append(total)
-        total += n * ps
+        total += length
     outside = int(_outside_value(thr))
     buf_dtype = torch.uint8 if thresholded else torch.float32
     flat = torch.full((total,), outside, dtype=buf_dtype, device=device)
 
-    if n_total > 0:
-        offs, hs, ws = [], [], []
-        for start, n, ps, (h, w) in zip(image_starts, counts, plane_sizes, sizes):
+    if crop:
+        rows = []
+        for start, t in zip(image_starts, tables):
+            off, y0, x0, h, w = t.unbind(1)
+            rows.append(torch.stack((off + start, y0, x0, w, y0 + h, x0 + w), dim=1))
+        meta = torch.cat(rows) if rows else torch.zeros((0, 6), dtype=torch.int64)
+        max_rows = int(meta[:, 4].sub(meta[:, 1]).max()) if n_total else 0
+    else:
+        rows = []
+        for start, n, (h, w) in zip(image_starts, counts, sizes):
             if n:
-                offs.append(torch.arange(n, dtype=torch.int64) * ps + start)
-                hs.append(torch.full((n,), h, dtype=torch.int64))
-                ws.append(torch.full((n,), w, dtype=torch.int64))
-        meta = torch.stack((torch.cat(offs), torch.cat(hs), torch.cat(ws)), dim=1).to(device)
-        max_h = max(h for (h, _), n in zip(sizes, counts) if n)
-        grid = (n_total, triton.cdiv(max_h, _BLOCK_H))
+                base = torch.arange(n, dtype=torch.int64) * (h * w) + start
+                zero = torch.zeros_like(base)
+                rows.append(torch.stack((base, zero, zero, zero + w, zero + h, zero + w), dim=1))
+        meta = torch.cat(rows) if rows else torch.zeros((0, 6), dtype=torch.int64)
+        max_rows = max((h for (h, _), n in zip(sizes, counts) if n), default=0)
+
+    if n_total > 0 and max_rows > 0:
+        grid = (n_total, triton.cdiv(max_rows, _BLOCK_H))
         on_cpu = device.type != "cuda"  # the interpreter: match torch's CPU kernels
         _paste_masks_kernel[grid](
             masks.contiguous(),
             boxes.contiguous(),
-            meta,
+            meta.to(device),
             flat,
             m,
             padding,
@@ -434,19 +573,24 @@ def paste_masks_triton(masks, boxes, counts, image_sizes, *, threshold=0.5, padd
 
     if thresholded:
         flat = flat.view(torch.bool)
+    if crop:
+        return [(flat[start : start + length], t) for start, length, t in zip(image_starts, lengths, tables)]
     return [
         flat[start : start + n * h * w].view(n, h, w) for start, n, (h, w) in zip(image_starts, counts, sizes)
     ]
 
 
-def paste_masks(masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1) -> list[Tensor]:
+def paste_masks(
+    masks, boxes, counts, image_sizes, *, threshold=0.5, padding=1, crop=False
+) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
     """Dispatcher: :func:`paste_masks_triton` for CUDA tensors, else :func:`paste_masks_reference`.
 
-    See :func:`paste_masks_reference` for arguments and results;
+    See :func:`paste_masks_reference` for arguments and results (``crop=True``: per image
+    ``(data, table)`` of paste-region crops);
     ``ENGINE_FORCE_REFERENCE=1`` forces the reference (:mod:`kernels._dispatch`).
     """
     if not isinstance(masks, Tensor):
         raise TypeError(f"masks must be a torch.Tensor float32 [N, M, M]; got {_describe(masks)}")
     if use_triton(masks) and _HAS_TRITON:
-        return paste_masks_triton(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding)
-    return paste_masks_reference(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding)
+        return paste_masks_triton(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding, crop=crop)
+    return paste_masks_reference(masks, boxes, counts, image_sizes, threshold=threshold, padding=padding, crop=crop)

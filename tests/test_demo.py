@@ -1,10 +1,12 @@
-"""The demo script: overlays written for files and folders, a clear message without --weights."""
+"""The demo script: overlays and COCO results for files, folders and globs; clear messages; inputs untouched."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from tiny import tiny_state_dict
@@ -19,36 +21,74 @@ def load_demo():
     return module
 
 
-def test_demo_writes_overlays(tmp_path, capsys):
-    demo = load_demo()
+@pytest.fixture()
+def setup(tmp_path):
     weights = tmp_path / "tiny.pth"
     torch.save(tiny_state_dict(), weights)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    for name, hw in (("a.png", (60, 80)), ("b.jpg", (45, 70))):
+    for name, hw in (("a.png", (60, 80)), ("b.jpg", (45, 70)), ("c.png", (33, 21))):
         cv2.imwrite(str(images / name), rng.integers(0, 256, size=hw + (3,), dtype=np.uint8))
+    (images / "notes.txt").write_text("not an image")
+    return weights, images
+
+
+def test_demo_writes_overlays_and_coco_results(setup, tmp_path, capsys):
+    demo = load_demo()
+    weights, images = setup
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     out = tmp_path / "out"
     code = demo.main([str(images), "--weights", str(weights), "--output", str(out), "--device", "cpu",
-                      "--score-threshold", "0.05"])
+                      "--score-threshold", "0.05", "--batch-size", "2"])
     assert code == 0
-    for stem, hw in (("a", (60, 80)), ("b", (45, 70))):
+    for stem, hw in (("a", (60, 80)), ("b", (45, 70)), ("c", (33, 21))):
         overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
         assert overlay is not None and overlay.shape[:2] == hw
+    results = json.loads((out / "results.json").read_text())
+    ids = json.loads((out / "images.json").read_text())
+    assert sorted(ids) == ["0", "1", "2"] and ids["0"].endswith("a.png")
+    assert results, "the tiny checkpoint should detect something at score 0.05"
+    for r in results:
+        assert set(r) >= {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert r["score"] > 0.05 and len(r["bbox"]) == 4 and isinstance(r["segmentation"]["counts"], str)
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
-    assert "images/s" in capsys.readouterr().out
+    assert not list(out.glob(".*tmp*")), "temporary files must be renamed away"
+    captured = capsys.readouterr()
+    assert "images/s" in captured.out and "3/3 images" in captured.err
+
+
+def test_demo_globs_and_files(setup, tmp_path):
+    demo = load_demo()
+    weights, images = setup
+    files = demo.collect_inputs([str(images / "*.png"), str(images / "b.jpg"), str(images / "a.png")])
+    assert [f.name for f in files] == ["a.png", "c.png", "b.jpg"]
+    with pytest.raises(SystemExit, match="input not found"):
+        demo.collect_inputs([str(images / "missing.png")])
+
+
+def test_demo_refuses_to_overwrite_inputs(setup):
+    demo = load_demo()
+    weights, images = setup
+    victim = images / "a_overlay.png"
+    cv2.imwrite(str(victim), np.zeros((5, 5, 3), np.uint8))
+    before = victim.read_bytes()
+    with pytest.raises(SystemExit, match="refusing to overwrite input"):
+        demo.main([str(images), "--weights", str(weights), "--output", str(images), "--device", "cpu"])
+    assert victim.read_bytes() == before
 
 
 def test_demo_without_weights_says_what_to_pass(tmp_path, capsys):
     demo = load_demo()
-    code = demo.main([str(tmp_path)])
-    assert code == 2
+    assert demo.main([str(tmp_path)]) == 2
     assert "--weights PATH is required" in capsys.readouterr().err
 
 
-def test_class_names():
+def test_demo_class_names_must_match_checkpoint(setup, tmp_path):
     demo = load_demo()
-    names = demo.class_names(91)
-    assert names[1] == "person" and names[10] == "traffic light" and names[12] == "N/A" and names[90] == "toothbrush"
-    assert demo.class_names(3) == ["class 0", "class 1", "class 2"]
+    weights, images = setup
+    with pytest.raises(ValueError, match="3 class names given, but the checkpoint has 4 foreground classes"):
+        demo.main([str(images), "--weights", str(weights), "--output", str(tmp_path / "o"), "--device", "cpu",
+                   "--class-names", "cat,dog,bird"])
+    assert demo.main([str(images), "--weights", str(weights), "--output", str(tmp_path / "o"), "--device", "cpu",
+                      "--class-names", "cat,dog,bird,fish"]) == 0

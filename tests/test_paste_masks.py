@@ -350,3 +350,137 @@ def test_dispatcher_picks_by_device(monkeypatch):
         monkeypatch.setenv("ENGINE_FORCE_REFERENCE", "1")
         paste_masks(masks.cuda(), boxes.cuda(), [2], [(20, 30)])
         assert calls == ["triton"]
+
+
+# ---------------------------------------------------------------------------------------------
+# crop mode: each detection's paste region only
+# ---------------------------------------------------------------------------------------------
+
+CROP_IMPLS = IMPLS + [pytest.param(paste_masks, "cpu", id="dispatch-cpu")]
+
+
+def assert_crops_equal_full(crops, full, counts, sizes, m=28, padding=1, boxes=None, outside_value=0):
+    """Each (data, table) crop equals the full plane on its region, the full plane is
+    ``outside_value`` elsewhere, and the regions are the clipped expanded integer boxes
+    (computed here with torchvision's expand_boxes)."""
+    assert len(crops) == len(full) == len(counts)
+    det = 0
+    for (data, table), f, n, (h_img, w_img) in zip(crops, full, counts, sizes):
+        assert data.dim() == 1 and data.dtype == f.dtype and data.device == f.device
+        assert table.dtype == torch.int64 and tuple(table.shape) == (n, 5) and table.device.type == "cpu"
+        expected_offset = 0
+        for j, (off, y0, x0, h, w) in enumerate(table.tolist()):
+            assert off == expected_offset
+            expected_offset += h * w
+            if boxes is not None:
+                x1, y1, x2, y2 = _int_box(boxes[det].cpu(), m, padding)
+                ey0, ey1 = max(y1, 0), min(y2 + 1, h_img)
+                ex0, ex1 = max(x1, 0), min(x2 + 1, w_img)
+                if ey1 > ey0 and ex1 > ex0:
+                    assert (y0, x0, h, w) == (ey0, ex0, ey1 - ey0, ex1 - ex0)
+                else:
+                    assert h == w == 0
+            crop = data[off : off + h * w].view(h, w)
+            assert torch.equal(crop, f[j, y0 : y0 + h, x0 : x0 + w])
+            rest = torch.ones_like(f[j], dtype=torch.bool)
+            rest[y0 : y0 + h, x0 : x0 + w] = False
+            assert (f[j][rest] == outside_value).all()  # the paste wrote nothing outside the region
+            det += 1
+        assert data.shape[0] == expected_offset
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("impl,device", CROP_IMPLS)
+def test_crop_mode_equals_full_mode_on_regions(impl, device, threshold):
+    counts, sizes = [3, 0, 4], [(40, 60), (10, 10), (23, 150)]
+    masks, boxes = random_batch(counts, sizes, device=device, seed=3, outside=0.6)
+    full = paste_masks_reference(masks, boxes, counts, sizes, threshold=threshold)
+    crops = impl(masks, boxes, counts, sizes, threshold=threshold, crop=True)
+    assert_crops_equal_full(crops, full, counts, sizes, boxes=boxes)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, -0.1])
+@pytest.mark.parametrize("impl,device", CROP_IMPLS)
+def test_crop_mode_edge_and_outside_boxes(impl, device, threshold):
+    outside = [[-40.0, -30.0, -10.0, -10.0], [170.0, 5.0, 190.0, 15.0], [5.0, 25.0, 20.0, 40.0]]
+    boxes = torch.tensor(EDGE_BOXES + outside, device=device)
+    masks = torch.rand((len(boxes), 28, 28)).to(device)
+    counts, sizes = [len(boxes)], [(20, 150)]
+    full = paste_masks_reference(masks, boxes, counts, sizes, threshold=threshold)
+    crops = impl(masks, boxes, counts, sizes, threshold=threshold, crop=True)
+    fill = threshold is not None and threshold < 0
+    assert_crops_equal_full(crops, full, counts, sizes, boxes=boxes, outside_value=fill)
+    table = crops[0][1]
+    assert (table[-3:, 3:] == 0).all()  # wholly outside: empty crops
+    assert table[7, 1:].tolist() == [0, 0, 20, 150]  # covers the whole image
+
+
+@pytest.mark.parametrize("m,padding", [(1, 1), (7, 2), (28, 0)])
+@pytest.mark.parametrize("impl,device", CROP_IMPLS)
+def test_crop_mode_other_mask_sizes(impl, device, m, padding):
+    counts, sizes = [3], [(33, 47)]
+    masks, boxes = random_batch(counts, sizes, m=m, device=device, seed=m + 10 * padding)
+    full = paste_masks_reference(masks, boxes, counts, sizes, threshold=0.5, padding=padding)
+    crops = impl(masks, boxes, counts, sizes, threshold=0.5, padding=padding, crop=True)
+    assert_crops_equal_full(crops, full, counts, sizes, m=m, padding=padding, boxes=boxes)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("impl,device", CROP_IMPLS)
+def test_crop_mode_no_detections(impl, device, threshold):
+    masks = torch.zeros((0, 28, 28), device=device)
+    boxes = torch.zeros((0, 4), device=device)
+    outs = impl(masks, boxes, [0, 0], [(37, 53), (4, 5)], threshold=threshold, crop=True)
+    dtype = torch.float32 if threshold is None else torch.bool
+    assert len(outs) == 2
+    for data, table in outs:
+        assert data.shape == (0,) and data.dtype == dtype and data.device == masks.device
+        assert table.shape == (0, 5) and table.dtype == torch.int64
+    assert impl(masks, boxes, [], [], threshold=threshold, crop=True) == []
+
+
+@pytest.mark.parametrize("impl,device", CROP_IMPLS)
+def test_crop_mode_all_boxes_outside(impl, device):
+    boxes = torch.tensor([[-40.0, -30.0, -10.0, -10.0], [70.0, 5.0, 90.0, 20.0]], device=device)
+    masks = torch.rand((2, 28, 28)).to(device)
+    (data, table), = impl(masks, boxes, [2], [(40, 60)], threshold=0.5, crop=True)
+    assert data.numel() == 0 and (table[:, 3:] == 0).all() and (table[:, 0] == 0).all()
+
+
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="Triton interpreter is off")
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_triton_crop_mode_bit_identical_to_torchvision_on_cpu(threshold):
+    counts, sizes = [3, 2], [(70, 140), (37, 53)]
+    masks, boxes = random_batch(counts, sizes, seed=11, outside=0.3)
+    boxes[0] = torch.tensor([-20.0, -10.0, 150.0, 75.0])
+    masks = torch.sigmoid((masks - 0.5) * 12)
+    crops = paste_masks_triton(masks, boxes, counts, sizes, threshold=threshold, crop=True)
+    tv = torchvision_paste(masks, boxes, counts, sizes)
+    assert_crops_equal_full(crops, [p if threshold is None else p > threshold for p in tv], counts, sizes, boxes=boxes)
+
+
+def test_crop_tables_match_crop_mode_and_validate():
+    counts, sizes = [3, 0, 4], [(40, 60), (10, 10), (23, 150)]
+    masks, boxes = random_batch(counts, sizes, seed=4, outside=0.6)
+    tables = pm.crop_tables(boxes, counts, sizes, mask_size=28)
+    crops = paste_masks_reference(masks, boxes, counts, sizes, crop=True)
+    assert all(torch.equal(t, c[1]) for t, c in zip(tables, crops))
+    with pytest.raises(ValueError, match="mask_size"):
+        pm.crop_tables(boxes, counts, sizes, mask_size=0)
+    with pytest.raises(ValueError, match="sum\\(counts\\)"):
+        pm.crop_tables(boxes, [1], [(5, 5)])
+
+
+@pytest.mark.parametrize("fn", [paste_masks_reference, paste_masks_triton, paste_masks], ids=["reference", "triton", "dispatch"])
+def test_crop_must_be_bool(fn):
+    with pytest.raises(TypeError, match="crop must be a bool"):
+        fn(torch.rand(1, 28, 28), torch.tensor([[1.0, 1.0, 5.0, 5.0]]), [1], [(8, 8)], crop="yes")
+
+
+def test_dispatcher_passes_crop(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pm, "paste_masks_triton", lambda *a, **k: calls.append(k["crop"]) or [])
+    monkeypatch.setenv("ENGINE_FORCE_TRITON", "1")
+    masks, boxes = random_batch([2], [(20, 30)], seed=2)
+    paste_masks(masks, boxes, [2], [(20, 30)], crop=True)
+    assert calls == [True]

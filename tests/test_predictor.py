@@ -120,3 +120,17 @@ def test_reduced_precision_mode(precision):
 def test_unknown_precision():
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
         Predictor(tiny_state_dict(), precision="int8")
+
+
+def test_box_mask_format_equals_full_masks():
+    from engine.results import BoxMasks
+
+    images = [image(60, 80), image(47, 33, 1)]
+    full = Predictor(tiny_state_dict(), config=TINY_CONFIG).run(images)
+    compact = Predictor(tiny_state_dict(), config=TINY_CONFIG, mask_format="box").run(images)
+    for f, c in zip(full, compact):
+        assert isinstance(c.masks, BoxMasks)
+        assert torch.equal(c.masks.to_full(), f.masks)
+        assert c.to_coco(7) == f.to_coco(7)
+    with pytest.raises(ValueError, match="mask_format must be one of"):
+        Predictor(tiny_state_dict(), mask_format="rle")

@@ -25,9 +25,12 @@ TINY_CONFIG = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=96, max_size=160)
 
 
 def tiny_state_dict(seed: int = 0, *, spec: ArchitectureSpec = TINY_SPEC) -> dict:
-    """Random weights of the tiny network, with a classifier bias that lets detections through."""
+    """Random weights of the tiny network, scaled so that detections pass the score threshold and
+    masks are neither empty nor full."""
     torch.manual_seed(seed)
     model = MaskRCNN(spec=spec, config=TINY_CONFIG)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(20)
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(30)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.normal_(0.0, 1.0)
     return {k: v.clone() for k, v in model.state_dict().items()}

@@ -34,17 +34,53 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + shift
 
 
+class ConvNorm(nn.Sequential):
+    """Conv (index 0), optional frozen batch norm (index 1), optional ReLU.
+
+    The layout of torchvision's ``Conv2dNormActivation``: the conv has a bias only without norm,
+    so parameters are named ``0.weight``, ``0.bias`` or ``0.weight``, ``1.running_mean``, ...
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, norm: bool, relu: bool, bn_eps: float
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2, bias=not norm)
+        ]
+        if norm:
+            layers.append(FrozenBatchNorm2d(out_channels, eps=bn_eps))
+        super().__init__(*layers)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x)
+        return F.relu(x) if self.relu else x
+
+
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: 1x1, 3x3 (carries the stride), 1x1 with 4x expansion, plus shortcut."""
+    """ResNet / ResNeXt bottleneck: 1x1, 3x3 (grouped for ResNeXt), 1x1, plus shortcut.
 
-    expansion = 4
+    The stride sits on the 3x3 conv (torchvision, mmdet "pytorch" style) or on the first 1x1
+    (``stride_in_1x1``: Detectron2's MSRA weights, matterport).
+    """
 
-    def __init__(self, in_channels: int, width: int, *, stride: int, bn_eps: float, downsample: bool) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        out_channels: int,
+        *,
+        stride: int,
+        groups: int,
+        stride_in_1x1: bool,
+        bn_eps: float,
+        downsample: bool,
+    ) -> None:
         super().__init__()
-        out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride_1x1, bias=False)
         self.bn1 = FrozenBatchNorm2d(width, eps=bn_eps)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=1, groups=groups, bias=False)
         self.bn2 = FrozenBatchNorm2d(width, eps=bn_eps)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
@@ -64,28 +100,52 @@ class Bottleneck(nn.Module):
 
 
 class ResNetBody(nn.Module):
-    """ResNet stem and four stages; returns C2..C5 (strides 4, 8, 16, 32).
+    """ResNet / ResNeXt stem and four stages; returns C2..C5 (strides 4, 8, 16, 32).
 
     Args:
         blocks_per_stage: e.g. (3, 4, 6, 3) for ResNet-50, (3, 4, 23, 3) for ResNet-101.
+        stage_widths: inner (3x3) width of each stage's blocks: (64, 128, 256, 512) for ResNet,
+            (128, 256, 512, 1024) for ResNeXt-50 32x4d.
+        stage_out_channels: output channels of each stage, (256, 512, 1024, 2048).
+        groups: groups of the 3x3 convs (32 for ResNeXt 32xNd).
+        stride_in_1x1: put the stride on the first 1x1 conv instead of the 3x3.
         bn_eps: eps of every frozen batch norm.
     """
 
-    def __init__(self, *, blocks_per_stage: tuple[int, int, int, int], bn_eps: float) -> None:
+    def __init__(
+        self,
+        *,
+        blocks_per_stage: tuple[int, int, int, int],
+        stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048),
+        groups: int = 1,
+        stride_in_1x1: bool = False,
+        bn_eps: float,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = FrozenBatchNorm2d(64, eps=bn_eps)
         in_channels = 64
-        for stage, (blocks, width) in enumerate(zip(blocks_per_stage, (64, 128, 256, 512)), start=1):
+        for stage, (blocks, width, out_channels) in enumerate(
+            zip(blocks_per_stage, stage_widths, stage_out_channels), start=1
+        ):
             layers = []
             for b in range(blocks):
-                stride = 2 if (b == 0 and stage > 1) else 1
                 layers.append(
-                    Bottleneck(in_channels, width, stride=stride, bn_eps=bn_eps, downsample=(b == 0))
+                    Bottleneck(
+                        in_channels,
+                        width,
+                        out_channels,
+                        stride=2 if (b == 0 and stage > 1) else 1,
+                        groups=groups,
+                        stride_in_1x1=stride_in_1x1,
+                        bn_eps=bn_eps,
+                        downsample=(b == 0),
+                    )
                 )
-                in_channels = width * Bottleneck.expansion
+                in_channels = out_channels
             self.add_module(f"layer{stage}", nn.Sequential(*layers))
-        self.out_channels = (256, 512, 1024, 2048)
+        self.out_channels = tuple(stage_out_channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -100,18 +160,19 @@ class ResNetBody(nn.Module):
 class FeaturePyramid(nn.Module):
     """FPN (Lin et al. 2017) as torchvision builds it, plus P6 by max-pool(kernel 1, stride 2) of P5.
 
-    Lateral 1x1 convs (``inner_blocks``) and output 3x3 convs (``layer_blocks``), both with bias;
-    the top-down path upsamples by nearest neighbour to the lateral's size and adds.
+    Lateral 1x1 convs (``inner_blocks``) and output 3x3 convs (``layer_blocks``): with bias (v1),
+    or without bias and followed by batch norm (``norm``, torchvision v2). The top-down path
+    upsamples by nearest neighbour to the lateral's size and adds.
     Input: C2..C5; output: [P2, P3, P4, P5, P6], each float [B, out_channels, H/2**k, W/2**k].
     """
 
-    def __init__(self, *, in_channels: tuple[int, ...], out_channels: int) -> None:
+    def __init__(self, *, in_channels: tuple[int, ...], out_channels: int, norm: bool = False, bn_eps: float = 0.0) -> None:
         super().__init__()
         self.inner_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels
+            ConvNorm(c, out_channels, 1, norm=norm, relu=False, bn_eps=bn_eps) for c in in_channels
         )
         self.layer_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels
+            ConvNorm(out_channels, out_channels, 3, norm=norm, relu=False, bn_eps=bn_eps) for _ in in_channels
         )
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
@@ -127,12 +188,17 @@ class FeaturePyramid(nn.Module):
 
 
 class Backbone(nn.Module):
-    """ResNet body + FPN: padded image batch float32 [B, 3, Hp, Wp] -> [P2..P6]."""
+    """ResNet body + FPN: padded image batch float32 [B, 3, Hp, Wp] -> [P2..P6].
 
-    def __init__(self, *, blocks_per_stage: tuple[int, int, int, int], fpn_channels: int, bn_eps: float) -> None:
+    Keyword arguments are those of :class:`ResNetBody`, plus ``fpn_channels`` and ``fpn_norm``.
+    """
+
+    def __init__(self, *, fpn_channels: int, fpn_norm: bool = False, bn_eps: float, **body) -> None:
         super().__init__()
-        self.body = ResNetBody(blocks_per_stage=blocks_per_stage, bn_eps=bn_eps)
-        self.fpn = FeaturePyramid(in_channels=self.body.out_channels, out_channels=fpn_channels)
+        self.body = ResNetBody(bn_eps=bn_eps, **body)
+        self.fpn = FeaturePyramid(
+            in_channels=self.body.out_channels, out_channels=fpn_channels, norm=fpn_norm, bn_eps=bn_eps
+        )
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.fpn(self.body(images))

@@ -44,6 +44,7 @@ class MaskRCNNConfig:
 
     Backbone
         bn_eps: eps of the frozen batch norms (torchvision COCO v1: 0.0; nn.BatchNorm2d: 1e-5).
+        stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
 
     Anchors
         anchor_sizes: one size per FPN level P2..P6, in input pixels.
@@ -96,6 +97,7 @@ class MaskRCNNConfig:
     size_divisibility: int = 32
     # backbone
     bn_eps: float = 0.0
+    stride_in_1x1: bool = False
     # anchors
     anchor_sizes: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
     anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -170,9 +172,14 @@ def _one_of(name: str, value, accepted: tuple) -> None:
 
 #: torchvision ``maskrcnn_resnet50_fpn`` (COCO v1 weights): section A of the reference notes.
 TORCHVISION_MASKRCNN_R50_FPN = MaskRCNNConfig(name="torchvision_maskrcnn_resnet50_fpn")
+#: torchvision ``maskrcnn_resnet50_fpn_v2``: the same inference rules; batch norm (eps 1e-5) in the
+#: backbone, FPN, box head and mask head (the architecture itself is read from the checkpoint).
+TORCHVISION_MASKRCNN_R50_FPN_V2 = TORCHVISION_MASKRCNN_R50_FPN.replace(
+    name="torchvision_maskrcnn_resnet50_fpn_v2", bn_eps=1e-5
+)
 
 PRESETS: dict[str, MaskRCNNConfig] = {
-    TORCHVISION_MASKRCNN_R50_FPN.name: TORCHVISION_MASKRCNN_R50_FPN,
+    preset.name: preset for preset in (TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2)
 }
 
 

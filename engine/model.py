@@ -20,6 +20,7 @@ from engine.config import MaskRCNNConfig
 from engine.preprocess import ImageBatch
 from engine.roi_heads import (
     BoxHead,
+    ConvFCBoxHead,
     BoxPredictor,
     ImageDetections,
     MaskHead,
@@ -37,25 +38,39 @@ class ArchitectureSpec:
 
     Attributes:
         blocks_per_stage: bottleneck blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
+        stage_widths: inner 3x3 width per stage ((64, 128, 256, 512) ResNet; wider for ResNeXt).
+        stage_out_channels: output channels per stage.
+        groups: groups of the 3x3 convs (1 ResNet, 32 or 64 ResNeXt).
         fpn_channels: FPN and head input width.
+        fpn_norm: FPN convs followed by batch norm (torchvision v2).
         num_anchors: anchors per location (A).
         rpn_conv_depth: 3x3 convs in the RPN head.
+        box_head_convs: 3x3 convs before the box head's fully connected layer (0: two-layer MLP head).
+        box_head_conv_channels, box_head_norm: width of those convs, and whether batch norm follows them.
         representation_size: width of the box head's fully connected layers.
         num_classes: classifier outputs, background included.
         num_box_classes: class-specific box regressors (num_classes, or num_classes - 1 without background).
-        mask_convs, mask_channels: the mask head's 3x3 convs and their width.
+        mask_convs, mask_channels, mask_norm: the mask head's 3x3 convs, their width, batch norm after them.
         num_mask_classes: mask logit channels.
     """
 
     blocks_per_stage: tuple[int, int, int, int] = (3, 4, 6, 3)
+    stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048)
+    groups: int = 1
     fpn_channels: int = 256
+    fpn_norm: bool = False
     num_anchors: int = 3
     rpn_conv_depth: int = 1
+    box_head_convs: int = 0
+    box_head_conv_channels: int = 256
+    box_head_norm: bool = False
     representation_size: int = 1024
     num_classes: int = 91
     num_box_classes: int = 91
     mask_convs: int = 4
     mask_channels: int = 256
+    mask_norm: bool = False
     num_mask_classes: int = 91
 
 
@@ -66,16 +81,29 @@ class _RPN(nn.Module):
 
 
 class _RoIHeads(nn.Module):
-    def __init__(self, spec: ArchitectureSpec, *, box_pool_size: int) -> None:
+    def __init__(self, spec: ArchitectureSpec, *, box_pool_size: int, bn_eps: float) -> None:
         super().__init__()
         c = spec.fpn_channels
-        self.box_head = BoxHead(in_features=c * box_pool_size**2, representation_size=spec.representation_size)
+        if spec.box_head_convs:
+            self.box_head = ConvFCBoxHead(
+                in_channels=c,
+                pool_size=box_pool_size,
+                conv_channels=spec.box_head_conv_channels,
+                num_convs=spec.box_head_convs,
+                norm=spec.box_head_norm,
+                representation_size=spec.representation_size,
+                bn_eps=bn_eps,
+            )
+        else:
+            self.box_head = BoxHead(in_features=c * box_pool_size**2, representation_size=spec.representation_size)
         self.box_predictor = BoxPredictor(
             representation_size=spec.representation_size,
             num_classes=spec.num_classes,
             num_box_classes=spec.num_box_classes,
         )
-        self.mask_head = MaskHead(in_channels=c, channels=spec.mask_channels, num_convs=spec.mask_convs)
+        self.mask_head = MaskHead(
+            in_channels=c, channels=spec.mask_channels, num_convs=spec.mask_convs, norm=spec.mask_norm, bn_eps=bn_eps
+        )
         self.mask_predictor = MaskPredictor(
             in_channels=spec.mask_channels, channels=spec.mask_channels, num_mask_classes=spec.num_mask_classes
         )
@@ -103,10 +131,17 @@ class MaskRCNN(nn.Module):
         self.config = config
         self.precision = precision
         self.backbone = Backbone(
-            blocks_per_stage=spec.blocks_per_stage, fpn_channels=spec.fpn_channels, bn_eps=config.bn_eps
+            blocks_per_stage=spec.blocks_per_stage,
+            stage_widths=spec.stage_widths,
+            stage_out_channels=spec.stage_out_channels,
+            groups=spec.groups,
+            stride_in_1x1=config.stride_in_1x1,
+            fpn_channels=spec.fpn_channels,
+            fpn_norm=spec.fpn_norm,
+            bn_eps=config.bn_eps,
         )
         self.rpn = _RPN(RPNHead(channels=spec.fpn_channels, num_anchors=spec.num_anchors, conv_depth=spec.rpn_conv_depth))
-        self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size)
+        self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size, bn_eps=config.bn_eps)
 
     def _network_precision(self, device: torch.device):
         """Autocast for the convolutional and fully connected parts, or nothing in fp32 mode."""

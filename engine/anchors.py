@@ -10,20 +10,33 @@ so P6 of an 800-row batch has stride 61) or ``2 ** level`` ("fixed").
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
 def base_anchors(size: float, aspect_ratios: tuple[float, ...], *, round_anchors: bool) -> Tensor:
-    """float32 [A, 4] anchors centred on 0, x1 y1 x2 y2, ratio-major order."""
+    """float32 [A, 4] anchors centred on 0, x1 y1 x2 y2, ratio-major order.
+
+    Rounded anchors are computed in float32 as torchvision does; unrounded ones in double
+    precision, then cast, as Detectron2's ``generate_cell_anchors`` does
+    (``w = sqrt(size**2 / ratio)``, ``h = ratio * w``).
+    """
+    if not round_anchors:
+        rows = []
+        for ratio in aspect_ratios:
+            w = math.sqrt(size * size / ratio)
+            h = ratio * w
+            rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        return torch.tensor(rows, dtype=torch.float32)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
     scales = torch.as_tensor([size], dtype=torch.float32)
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
     ws = (w_ratios[:, None] * scales[None, :]).view(-1)
     hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-    anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
-    return anchors.round() if round_anchors else anchors
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
 
 def level_strides(

@@ -66,11 +66,14 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
 
 
-def large_enough(boxes: Tensor, min_size: float) -> Tensor:
-    """bool [N]: both sides >= min_size."""
+def large_enough(boxes: Tensor, min_size: float, *, inclusive: bool = True) -> Tensor:
+    """bool [N]: both sides >= min_size (torchvision), or > min_size when not ``inclusive``
+    (Detectron2's ``nonempty``: w > 0 and h > 0)."""
     ws = boxes[:, 2] - boxes[:, 0]
     hs = boxes[:, 3] - boxes[:, 1]
-    return (ws >= min_size) & (hs >= min_size)
+    if inclusive:
+        return (ws >= min_size) & (hs >= min_size)
+    return (ws > min_size) & (hs > min_size)
 
 
 def box_area(boxes: Tensor) -> Tensor:

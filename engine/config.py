@@ -57,6 +57,8 @@ class MaskRCNNConfig:
         rpn_post_nms_top_n: proposals kept per image after NMS.
         rpn_nms_threshold: IoU threshold of the per-level NMS.
         rpn_min_size: proposals with a side < this (resized-image pixels) are dropped.
+        rpn_min_size_inclusive: keep sides >= rpn_min_size (torchvision) or only > it (Detectron2's
+            ``nonempty``, with rpn_min_size 0).
         rpn_score_threshold: proposals with sigmoid score < this are dropped.
         rpn_box_weights: (wx, wy, ww, wh) of the RPN box coder.
 
@@ -77,6 +79,10 @@ class MaskRCNNConfig:
         detection_min_size: candidates need both sides >= this (resized-image pixels).
         nms_threshold: IoU threshold of the per-class NMS.
         detections_per_image: at most this many detections per image.
+
+    Back to the input image
+        clip_boxes_to_original: clip the scaled boxes to the input image and drop empty ones before
+            pasting masks (Detectron2's ``detector_postprocess``); torchvision does neither.
 
     Masks
         mask_threshold: pasted probabilities > this are foreground.
@@ -108,6 +114,7 @@ class MaskRCNNConfig:
     rpn_post_nms_top_n: int = 1000
     rpn_nms_threshold: float = 0.7
     rpn_min_size: float = 1e-3
+    rpn_min_size_inclusive: bool = True
     rpn_score_threshold: float = 0.0
     rpn_box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     # box coder
@@ -126,6 +133,8 @@ class MaskRCNNConfig:
     detection_min_size: float = 1e-2
     nms_threshold: float = 0.5
     detections_per_image: int = 100
+    # back to the input image
+    clip_boxes_to_original: bool = False
     # masks
     mask_threshold: float = 0.5
     paste_method: str = "torchvision"

@@ -2,7 +2,9 @@
 
 Reproduces torchvision's ``GeneralizedRCNNTransform.postprocess``: boxes are scaled per axis
 by ``original / resized`` (float32 ratios, no re-clipping), then the 28x28 mask probabilities
-are pasted into the full image (:mod:`kernels.paste_masks`) and thresholded.
+are pasted into the full image (:mod:`kernels.paste_masks`) and thresholded. With
+``config.clip_boxes_to_original`` (Detectron2's ``detector_postprocess``) the scaled boxes are
+clipped to the input image and empty ones dropped before the paste.
 
 Mask formats (``to_original_frame(..., mask_format=...)``):
 
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from engine.boxes import clip_boxes, large_enough
 from engine.config import MaskRCNNConfig
 from engine.results import BoxMasks, Detections
 from engine.roi_heads import ImageDetections
@@ -157,6 +160,19 @@ def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_
     return outs, to_host
 
 
+def _clip_to_original(detections, mask_probs, boxes, original_sizes, config):
+    """Detectron2's ``detector_postprocess``: clip the scaled boxes to the input image, drop the
+    empty ones (w > 0 and h > 0 kept), and paste masks with the clipped boxes."""
+    kept_dets, kept_probs, kept_boxes = [], [], []
+    for d, probs, b, size in zip(detections, mask_probs, boxes, original_sizes):
+        b = clip_boxes(b, size)
+        keep = large_enough(b, 0.0, inclusive=False)
+        kept_boxes.append(b[keep])
+        kept_probs.append(probs[keep])
+        kept_dets.append(ImageDetections(boxes=d.boxes[keep], scores=d.scores[keep], labels=d.labels[keep]))
+    return kept_dets, kept_probs, kept_boxes
+
+
 def to_original_frame(
     detections: list[ImageDetections],
     mask_probs: list[Tensor],
@@ -197,6 +213,8 @@ def to_original_frame(
     if crop and (threshold is None or threshold < 0):
         raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
     boxes = [rescale_boxes(d.boxes, s, o) for d, s, o in zip(detections, image_sizes, original_sizes)]
+    if config.clip_boxes_to_original:
+        detections, mask_probs, boxes = _clip_to_original(detections, mask_probs, boxes, original_sizes, config)
     all_boxes = torch.cat(boxes)
     all_probs = torch.cat(mask_probs) if mask_probs else torch.zeros((0, 28, 28), device=all_boxes.device)
     counts = [len(b) for b in boxes]

@@ -105,7 +105,8 @@ def select_proposals(
     for i in range(num_images):
         b = clip_boxes(boxes[i], image_sizes[i])
         s, lv = scores[i], levels
-        keep = large_enough(b, config.rpn_min_size) & (s >= config.rpn_score_threshold)
+        keep = large_enough(b, config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
+        keep &= s >= config.rpn_score_threshold
         b, s, lv = b[keep], s[keep], lv[keep]
         keep = batched_nms(b, s, lv, config.rpn_nms_threshold)[: config.rpn_post_nms_top_n]
         proposals.append(b[keep])

@@ -19,11 +19,16 @@ from dataclasses import dataclass, field
 from kernels.roi_align import LevelRule
 
 _RESIZE_ROUNDINGS = ("floor", "round_half_up")
-_RESIZE_METHODS = ("torch_bilinear",)  # bilinear on the normalised float image, no antialias
+_RESIZE_METHODS = (
+    "torch_bilinear",  # torchvision: F.interpolate bilinear on the normalised float image, no antialias
+    "antialias_uint8",  # Detectron2: PIL Image.resize(BILINEAR) on uint8 (antialiased when shrinking)
+    "cv2_linear",  # mmdetection: cv2.resize(INTER_LINEAR) on uint8
+    "skimage_uint8",  # matterport: skimage.transform.resize(order=1) on uint8, truncated to uint8
+)
 _ANCHOR_STRIDES = ("padded_div_feature", "fixed")
 _DELTA_CLAMPS = ("upper", "symmetric", "none")
 _BACKGROUND = ("first", "last")
-_PASTE_METHODS = ("torchvision",)
+_PASTE_METHODS = ("torchvision", "grid_sample")
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,14 @@ class MaskRCNNConfig:
         channel_order: "RGB" or "BGR": the order the network expects (inputs are always RGB).
         input_scale: uint8 pixels are divided by this before normalisation (255 -> [0, 1], as torchvision).
         pixel_mean, pixel_std: per channel, in the network's channel order and in units after ``input_scale``.
-        normalize_before_resize: torchvision normalises, then resizes the float image.
+        normalize_before_resize: torchvision normalises, then resizes the float image; False resizes first
+            (required by the uint8 resize methods, which resize the uint8 image).
         min_size, max_size: the short side is scaled to ``min_size`` unless the long side would exceed ``max_size``.
         resize_rounding: "floor" (torchvision) or "round_half_up" (Detectron2, mmdet) for the output size.
-        resize_method: "torch_bilinear" (F.interpolate bilinear, align_corners=False, no antialias).
+        resize_method: "torch_bilinear" (torchvision: F.interpolate bilinear, align_corners=False, no
+            antialias, on the normalised float image), or a uint8 resize reproduced bit for bit:
+            "antialias_uint8" (Detectron2: PIL BILINEAR), "cv2_linear" (mmdet: cv2 INTER_LINEAR) or
+            "skimage_uint8" (matterport: skimage order-1 resize, truncated); see engine/preprocess.py.
         size_divisibility: the batch is zero-padded bottom/right to a multiple of this.
 
     Backbone
@@ -86,7 +95,8 @@ class MaskRCNNConfig:
 
     Masks
         mask_threshold: pasted probabilities > this are foreground.
-        paste_method: "torchvision" (30/28 box expansion, integer box, bilinear resize).
+        paste_method: "torchvision" (30/28 box expansion, integer box, bilinear resize, > threshold)
+            or "grid_sample" (Detectron2 / mmdetection: grid_sample at pixel centres, >= threshold).
     """
 
     name: str = "custom"
@@ -143,6 +153,11 @@ class MaskRCNNConfig:
         _one_of("channel_order", self.channel_order, ("RGB", "BGR"))
         _one_of("resize_rounding", self.resize_rounding, _RESIZE_ROUNDINGS)
         _one_of("resize_method", self.resize_method, _RESIZE_METHODS)
+        if self.normalize_before_resize and self.resize_method != "torch_bilinear":
+            raise ValueError(
+                f"resize_method={self.resize_method!r} resizes the uint8 image, before normalisation; "
+                "it needs normalize_before_resize=False"
+            )
         _one_of("anchor_stride", self.anchor_stride, _ANCHOR_STRIDES)
         _one_of("box_delta_clamp", self.box_delta_clamp, _DELTA_CLAMPS)
         _one_of("background_index", self.background_index, _BACKGROUND)
@@ -187,8 +202,34 @@ TORCHVISION_MASKRCNN_R50_FPN_V2 = TORCHVISION_MASKRCNN_R50_FPN.replace(
     name="torchvision_maskrcnn_resnet50_fpn_v2", bn_eps=1e-5
 )
 
+#: Detectron2 ``mask_rcnn_R_50_FPN_{1x,3x}`` run by ``DefaultPredictor``: section B of the reference notes.
+DETECTRON2_MASK_RCNN_R50_FPN = MaskRCNNConfig(
+    name="detectron2_mask_rcnn_R_50_FPN",
+    channel_order="BGR",
+    input_scale=1.0,
+    pixel_mean=(103.530, 116.280, 123.675),
+    pixel_std=(1.0, 1.0, 1.0),
+    normalize_before_resize=False,
+    resize_rounding="round_half_up",
+    resize_method="antialias_uint8",
+    bn_eps=1e-5,
+    stride_in_1x1=True,
+    anchor_round=False,
+    anchor_stride="fixed",
+    rpn_min_size=0.0,
+    rpn_min_size_inclusive=False,
+    roi_sampling_ratio=0,
+    roi_aligned=True,
+    level_rule=LevelRule(canonical_size=224.0, canonical_level=4, eps=1e-8, eps_inside_log=True),
+    background_index="last",
+    detection_min_size=0.0,
+    clip_boxes_to_original=True,
+    paste_method="grid_sample",
+)
+
 PRESETS: dict[str, MaskRCNNConfig] = {
-    preset.name: preset for preset in (TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2)
+    preset.name: preset
+    for preset in (TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2, DETECTRON2_MASK_RCNN_R50_FPN)
 }
 
 

@@ -111,13 +111,13 @@ def plan_paste_chunks(
     return chunks, to_host
 
 
-def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_bytes):
+def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_bytes, method):
     """paste_masks over all detections, chunked; returns (per-image outputs, results_on_host)."""
     device = probs.device
     elem = 1 if threshold is not None else 4
     tables = None
     if crop:
-        tables = crop_tables(boxes, counts, sizes, mask_size=probs.shape[-1])
+        tables = crop_tables(boxes, counts, sizes, mask_size=probs.shape[-1], method=method)
         det_bytes = [h * w * elem for t in tables for h, w in t[:, 3:].tolist()]
     else:
         det_bytes = [h * w * elem for n, (h, w) in zip(counts, sizes) for _ in range(n)]
@@ -126,7 +126,7 @@ def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_
         det_bytes, device_type=device.type, free_bytes=free, max_chunk_bytes=max_chunk_bytes
     )
     if len(chunks) == 1 and not to_host:
-        return paste_masks(probs, boxes, counts, sizes, threshold=threshold, crop=crop), False
+        return paste_masks(probs, boxes, counts, sizes, threshold=threshold, crop=crop, method=method), False
 
     out_device = torch.device("cpu") if to_host else device
     pin = to_host and device.type == "cuda"
@@ -141,7 +141,7 @@ def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_
         lo = [max(a, s) for s in image_starts]
         hi = [min(b, s + n) for s, n in zip(image_starts, counts)]
         chunk_counts = [max(h - l, 0) for l, h in zip(lo, hi)]
-        res = paste_masks(probs[a:b], boxes[a:b], chunk_counts, sizes, threshold=threshold, crop=crop)
+        res = paste_masks(probs[a:b], boxes[a:b], chunk_counts, sizes, threshold=threshold, crop=crop, method=method)
         for i, (c, s, r) in enumerate(zip(chunk_counts, image_starts, res)):
             if not c:
                 continue
@@ -220,7 +220,14 @@ def to_original_frame(
     counts = [len(b) for b in boxes]
     sizes = [tuple(int(v) for v in o) for o in original_sizes]
     masks, on_host = _paste_in_chunks(
-        all_probs, all_boxes, counts, sizes, threshold=threshold, crop=crop, max_chunk_bytes=max_chunk_bytes
+        all_probs,
+        all_boxes,
+        counts,
+        sizes,
+        threshold=threshold,
+        crop=crop,
+        max_chunk_bytes=max_chunk_bytes,
+        method=config.paste_method,
     )
     if crop:
         masks = [BoxMasks(data, table, size) for (data, table), size in zip(masks, sizes)]

@@ -22,7 +22,6 @@ from engine.inputs import as_rgb_uint8_images
 from engine.postprocess import MASK_FORMATS, to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
-from weights import build_model, load_checkpoint
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -56,8 +55,9 @@ class Predictor:
     """Runs a pretrained Mask R-CNN checkpoint on batches of images.
 
     Args:
-        weights: path to a torchvision Mask R-CNN ``.pth`` state dict, or the state dict itself
-            (not modified).
+        weights: path to a checkpoint file (torchvision ``.pth`` state dict, Detectron2 ``.pkl`` or
+            ``.pth``), or the loaded state dict / container itself (not modified).
+        family: "torchvision" or "detectron2"; by default detected from the checkpoint's keys.
         device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
             on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
         precision: "fp32" (default; exact parity with the checkpoint's framework), or "bf16" /
@@ -77,6 +77,7 @@ class Predictor:
         self,
         weights: str | os.PathLike | Mapping[str, Tensor],
         *,
+        family: str | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         config: MaskRCNNConfig | None = None,
@@ -92,7 +93,9 @@ class Predictor:
         self.mask_format = mask_format
         self.max_chunk_bytes = max_chunk_bytes
         self.device = resolve_device(device)
-        checkpoint = load_checkpoint(weights)
+        from weights import build_model, load_checkpoint  # weights builds engine modules: import it late
+
+        checkpoint = load_checkpoint(weights, family=family)
         config = checkpoint.config if config is None else config
         overrides = {
             "score_threshold": score_threshold,

@@ -1,14 +1,41 @@
 """Pre-processing: uint8 RGB images of mixed sizes -> one normalised, zero-padded batch.
 
-Reproduces torchvision's ``GeneralizedRCNNTransform`` (normalise, resize, batch):
+Output size: ``scale = min(min_size / short, max_size / long)`` (Python float), each side
+``floor(side * scale)`` (torchvision) or ``int(side * scale + 0.5)`` (Detectron2, mmdet), at
+least 1 pixel. Then, by ``MaskRCNNConfig.resize_method``:
 
-1. ``x = image.float() / input_scale`` (torchvision: ``/ 255``), channels reordered if the
-   network wants BGR;
-2. ``(x - mean) / std`` per channel (before the resize, as torchvision does);
-3. resize with ``scale = min(min_size / short, max_size / long)`` (Python float) and output
-   size ``floor(side * scale)`` (or round-half-up), by ``F.interpolate`` bilinear,
-   ``align_corners=False``, no antialias;
-4. zero-pad bottom/right to a common size, a multiple of ``size_divisibility``.
+``"torch_bilinear"`` (torchvision's ``GeneralizedRCNNTransform``)
+    ``x = image.float() / input_scale``, channels reordered if the network wants BGR,
+    ``(x - mean) / std`` per channel, then ``F.interpolate`` bilinear on the normalised float
+    image, ``align_corners=False``, no antialias (``normalize_before_resize=True``).
+
+``"antialias_uint8"`` (Detectron2's ``DefaultPredictor``: ``ResizeShortestEdge``, which calls
+    ``PIL.Image.resize(BILINEAR)`` on the uint8 array)
+    Pillow's convolution resampler, reproduced bit for bit in torch integer arithmetic (so it
+    runs on the GPU too): a triangle filter widened by the downscale factor (antialiased when
+    shrinking), 22-bit fixed-point weights, two separable passes with a uint8 result after
+    each. Pillow 13 runs the vertical pass first when the height shrinks much more than the
+    width; Pillow <= 12.1 always runs the horizontal pass first (``resize_uint8(...,
+    pillow_version=...)``, :func:`pil_vertical_pass_first`), which changes some pixels of such
+    images by 1. Float ``F.interpolate(antialias=True)`` + rounding is not exact: it differs by 1
+    on 10-20 % of the pixels.
+
+``"cv2_linear"`` (mmdetection's ``Resize`` -> ``mmcv.imrescale`` -> ``cv2.resize(INTER_LINEAR)``)
+    ``cv2.resize`` itself, called on the host array before the transfer (OpenCV is a runtime
+    dependency); cv2's fixed-point SIMD arithmetic is not re-derived.
+
+``"skimage_uint8"`` (matterport's ``utils.resize_image``: ``skimage.transform.resize(order=1,
+    mode="constant", cval=0, clip=True, preserve_range=True, anti_aliasing=False)`` and
+    ``.astype(uint8)``)
+    ``scipy.ndimage.zoom`` order 1 with ``grid_mode=True``, ``mode="grid-constant"`` (pixels
+    outside the image count as 0), reproduced in float64 with scipy's order of operations,
+    clipped to the input's value range and truncated to uint8. Only the kernel is
+    reproduced: matterport's own size rule (never downscale the short side, long side
+    <= 1024, Python ``round``) and its centred square padding are not.
+
+For the three uint8 methods the resized uint8 image is then converted and normalised like the
+first (``normalize_before_resize=False``). Finally the batch is zero-padded bottom/right to a
+common size, a multiple of ``size_divisibility``.
 """
 
 from __future__ import annotations
@@ -58,17 +85,29 @@ def resized_size(height: int, width: int, *, min_size: int, max_size: int, round
     return max(out_h, 1), max(out_w, 1)
 
 
+#: resize methods that resize the uint8 image, before normalisation.
+UINT8_RESIZE_METHODS = ("antialias_uint8", "cv2_linear", "skimage_uint8")
+#: uint8 methods that run on the host numpy array (before the transfer to the device).
+_HOST_METHODS = ("cv2_linear",)
+
+_PIL_PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2
+#: Pillow release whose pass order "antialias_uint8" follows by default (see pil_vertical_pass_first).
+PILLOW_VERSION = (13, 0)
+
+
 def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
     """One image: uint8 [H, W, 3] RGB on the target device -> float32 [3, h, w], normalised and resized."""
+    height, width = image.shape[:2]
+    out_h, out_w = resized_size(
+        height, width, min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding
+    )
+    if config.resize_method in UINT8_RESIZE_METHODS:
+        return _normalize(resize_uint8(image, out_h, out_w, method=config.resize_method), config)
     x = image.permute(2, 0, 1).float() / config.input_scale
     if config.channel_order == "BGR":
         x = x.flip(0)
     mean = torch.as_tensor(config.pixel_mean, dtype=x.dtype, device=x.device)
     std = torch.as_tensor(config.pixel_std, dtype=x.dtype, device=x.device)
-    height, width = x.shape[-2:]
-    out_h, out_w = resized_size(
-        height, width, min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding
-    )
     if not config.normalize_before_resize:
         x = _resize(x, out_h, out_w)
     x = (x - mean[:, None, None]) / std[:, None, None]
@@ -77,8 +116,195 @@ def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
     return x
 
 
+def _normalize(image: Tensor, config: MaskRCNNConfig) -> Tensor:
+    """uint8 [h, w, 3] RGB -> float32 [3, h, w] in the network's channel order, ``(x / scale - mean) / std``."""
+    x = image.permute(2, 0, 1).float() / config.input_scale
+    if config.channel_order == "BGR":
+        x = x.flip(0)
+    mean = torch.as_tensor(config.pixel_mean, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(config.pixel_std, dtype=x.dtype, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
 def _resize(x: Tensor, out_h: int, out_w: int) -> Tensor:
     return F.interpolate(x[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+
+
+def resize_uint8(
+    image: Tensor | np.ndarray,
+    out_h: int,
+    out_w: int,
+    *,
+    method: str,
+    pillow_version: tuple[int, int] = PILLOW_VERSION,
+) -> Tensor:
+    """Resize a uint8 [H, W, C] image as one framework does; uint8 [out_h, out_w, C] on the same device.
+
+    ``method`` is one of :data:`UINT8_RESIZE_METHODS` (see the module docstring for what each one
+    reproduces). A numpy input gives a CPU tensor. The input is never modified.
+    ``pillow_version`` (``"antialias_uint8"`` only): the (major, minor) Pillow release whose pass
+    order to follow (:func:`pil_vertical_pass_first`).
+    """
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"output size must be at least 1x1; got {out_h}x{out_w}")
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"expected a uint8 [H, W, C] image; got {image.dtype} {tuple(image.shape)}")
+    if method == "antialias_uint8":
+        return _pil_bilinear(image, out_h, out_w, pillow_version=pillow_version)
+    if method == "cv2_linear":
+        return _cv2_linear(image, out_h, out_w)
+    if method == "skimage_uint8":
+        return _skimage_linear(image, out_h, out_w)
+    raise ValueError(f"unknown uint8 resize method {method!r}; accepted: {', '.join(UINT8_RESIZE_METHODS)}")
+
+
+# --- Pillow BILINEAR (Detectron2) ------------------------------------------------------------
+
+
+def _pil_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's bilinear taps for one axis: input indices [out, k] (int64) and 22-bit fixed-point weights.
+
+    Follows Pillow's coefficient computation operation by operation in float64 (the same IEEE
+    double arithmetic as its C code): support ``max(in/out, 1)``, tap centre ``(i + 0.5) * in/out``,
+    first tap ``trunc(centre - support + 0.5)``, weights normalised by their sequential sum and
+    rounded half up to ``2**22``. Unused taps get weight 0 (and a valid index).
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # bilinear filter support is 1
+    ksize = int(math.ceil(support)) * 2 + 1
+    inv = 1.0 / filterscale
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C (int) casts truncate toward zero; the values clamped to 0 below are the only negative ones
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize, dtype=np.int64)
+    index = xmin[:, None] + taps[None, :]
+    used = taps[None, :] < count[:, None]
+    t = np.abs((index - center[:, None] + 0.5) * inv)
+    w = np.where(used & (t < 1.0), 1.0 - t, 0.0)
+    total = np.zeros(out_size, dtype=np.float64)
+    for j in range(ksize):  # left-to-right sum, as Pillow does (np.sum would pair terms differently)
+        total = total + w[:, j]
+    w = np.divide(w, total[:, None], out=w.copy(), where=total[:, None] != 0.0)
+    fixed = np.trunc(0.5 + w * float(1 << _PIL_PRECISION_BITS)).astype(np.int32)  # weights are >= 0
+    return np.minimum(index, in_size - 1), fixed
+
+
+def _pil_pass(x: Tensor, dim: int, in_size: int, out_size: int) -> Tensor:
+    """One Pillow 8-bit pass along ``dim`` of a uint8 tensor: 2**21 + sum of taps, >> 22, clipped to uint8.
+
+    Integer arithmetic, so the order of the sum does not matter; int32 does not overflow since the
+    weights are >= 0 and sum to about 2**22 (255 * 2**22 < 2**31).
+    """
+    index, weight = _pil_taps(in_size, out_size)
+    index = torch.from_numpy(index).to(x.device)
+    weight = torch.from_numpy(weight).to(x.device)
+    shape = [1] * x.dim()
+    shape[dim] = out_size
+    acc = None
+    for j in range(index.shape[1]):
+        term = x.index_select(dim, index[:, j]).to(torch.int32).mul_(weight[:, j].view(shape))
+        acc = term.add_(1 << (_PIL_PRECISION_BITS - 1)) if acc is None else acc.add_(term)
+    return acc.bitwise_right_shift_(_PIL_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+
+
+def pil_vertical_pass_first(
+    in_h: int, in_w: int, out_h: int, out_w: int, pillow_version: tuple[int, int] = PILLOW_VERSION
+) -> bool:
+    """Whether ``Image.resize`` of this Pillow release runs the vertical pass before the horizontal one.
+
+    The passes round to uint8 in between, so the order changes some pixels by 1.
+
+    - Pillow <= 12.1: never (horizontal pass first).
+    - Pillow 12.2, 12.3: when the height shrinks and the image is more than 100 times taller
+      than wide (done in ``Image.resize`` as two calls).
+    - Pillow >= 13 (python-pillow/Pillow#9549): when the height loses more than twice as many
+      rows as the width loses columns (derived by testing against Pillow 13.0 on ~1,500 random
+      size pairs, none off; ties go horizontal first).
+    """
+    if out_h >= in_h:
+        return False
+    if tuple(pillow_version) >= (13, 0):
+        return (in_h - out_h) > 2 * (in_w - out_w)
+    if tuple(pillow_version) >= (12, 2):
+        return in_h > in_w * 100
+    return False
+
+
+def _pil_bilinear(
+    image: Tensor, out_h: int, out_w: int, *, pillow_version: tuple[int, int] = PILLOW_VERSION
+) -> Tensor:
+    """``PIL.Image.fromarray(image).resize((out_w, out_h), Image.BILINEAR)``, bit-exact, on any device."""
+    height, width = image.shape[:2]
+    passes = [(1, width, out_w), (0, height, out_h)]  # (dim, in, out): horizontal, then vertical
+    if pil_vertical_pass_first(height, width, out_h, out_w, pillow_version):
+        passes.reverse()
+    x = image
+    for dim, in_size, out_size in passes:
+        if out_size != in_size:  # Pillow skips a pass whose size does not change (it would be the identity)
+            x = _pil_pass(x, dim, in_size, out_size)
+    return x if x is not image else image.clone()
+
+
+# --- OpenCV INTER_LINEAR (mmdetection) -------------------------------------------------------
+
+
+def _cv2_linear(image: Tensor, out_h: int, out_w: int) -> Tensor:
+    """``cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)`` on the host, back on ``image``'s device."""
+    import cv2
+
+    host = np.ascontiguousarray(image.cpu().numpy())
+    out = cv2.resize(host, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    if out.ndim == 2:  # cv2 drops a single channel axis
+        out = out[:, :, None]
+    return torch.from_numpy(out).to(image.device)
+
+
+# --- scikit-image resize, order 1 (matterport) -----------------------------------------------
+
+
+def _skimage_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scipy ``zoom(order=1, grid_mode=True)`` taps for one axis.
+
+    Returns the first of two input indices shifted by +1 (into an image zero-padded by one pixel
+    on each side, so that outside pixels read the constant 0) and the two float64 weights, computed
+    as scipy does: ``c = (i + 0.5) * (in / out) - 0.5``, ``w0 = 1 - (c - floor(c))``, ``w1 = 1 - w0``.
+    """
+    zoom = in_size / out_size
+    c = (np.arange(out_size, dtype=np.float64) + 0.5) * zoom - 0.5
+    start = np.floor(c)
+    w0 = 1.0 - (c - start)
+    w1 = 1.0 - w0
+    return start.astype(np.int64) + 1, w0, w1
+
+
+def _skimage_linear(image: Tensor, out_h: int, out_w: int) -> Tensor:
+    """``skimage.transform.resize(image, (out_h, out_w), order=1, preserve_range=True, anti_aliasing=False)
+    .astype(np.uint8)``, bit-exact, on any device with float64 support.
+
+    scipy sums, for each output pixel, ``(p * wy) * wx`` over the corners (y0, x0), (y0, x1),
+    (y1, x0), (y1, x1) in that order, starting from 0.0 (outside corners contribute 0); the
+    same sequence of roundings is done here. skimage then clips to [min, max] of the whole input.
+    """
+    height, width = image.shape[:2]
+    device = image.device
+    y0, wy0, wy1 = (torch.from_numpy(a).to(device) for a in _skimage_taps(height, out_h))
+    x0, wx0, wx1 = (torch.from_numpy(a).to(device) for a in _skimage_taps(width, out_w))
+    padded = F.pad(image.permute(2, 0, 1), (1, 1, 1, 1))  # uint8 [C, H + 2, W + 2], zero border
+    rows = (padded.index_select(1, y0), padded.index_select(1, y0 + 1))
+    wy = (wy0[:, None], wy1[:, None])
+    wx = (wx0, wx1)
+    out = None
+    for r in range(2):
+        for c in range(2):
+            corner = rows[r].index_select(2, x0 + c).to(torch.float64)
+            term = corner * wy[r] * wx[c]  # evaluated left to right: (p * wy) * wx
+            out = term if out is None else out + term
+    lo, hi = float(image.min()), float(image.max())
+    return out.clamp_(lo, hi).to(torch.uint8).permute(1, 2, 0).contiguous()  # float -> uint8 truncates
 
 
 def preprocess(images: list[np.ndarray], *, config: MaskRCNNConfig, device: torch.device) -> ImageBatch:
@@ -95,7 +321,15 @@ def preprocess(images: list[np.ndarray], *, config: MaskRCNNConfig, device: torc
     resized = []
     for image in images:
         host = torch.from_numpy(np.ascontiguousarray(image))
-        resized.append(normalize_and_resize(host.to(device, non_blocking=True), config=config))
+        if config.resize_method in _HOST_METHODS:
+            # resize the host array before the transfer (cv2 runs on the host only)
+            out_h, out_w = resized_size(
+                *image.shape[:2], min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding
+            )
+            small = resize_uint8(host, out_h, out_w, method=config.resize_method)
+            resized.append(_normalize(small.to(device, non_blocking=True), config))
+        else:
+            resized.append(normalize_and_resize(host.to(device, non_blocking=True), config=config))
     div = config.size_divisibility
     pad_h = int(math.ceil(max(r.shape[1] for r in resized) / div) * div)
     pad_w = int(math.ceil(max(r.shape[2] for r in resized) / div) * div)

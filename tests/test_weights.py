@@ -76,8 +76,15 @@ def test_missing_unexpected_and_misshaped_are_listed():
 
 
 def test_not_a_maskrcnn_checkpoint():
-    with pytest.raises(CheckpointError, match="missing keys"):
+    with pytest.raises(CheckpointError, match=r"no known family .*keys that did not fit \(1\): fc.weight"):
         load_checkpoint({"fc.weight": torch.zeros(2, 2)})
+    # a torchvision file missing a signature key is named as torchvision, with the misfits listed
+    state = tiny_state_dict()
+    del state["roi_heads.box_predictor.cls_score.weight"]
+    with pytest.raises(CheckpointError, match="closest: torchvision"):
+        load_checkpoint(state)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint(state, family="torchvision")
 
 
 def test_missing_file(tmp_path):
@@ -99,9 +106,11 @@ def test_wrong_container(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match="expected a state dict"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="not tensors"):
+    with pytest.raises(CheckpointError, match=r"no known family .*did not fit \(1\): a"):
         load_checkpoint({"model": {"a": torch.zeros(1)}})
-    with pytest.raises(TypeError, match="path to a .pth file or a state dict"):
+    with pytest.raises(CheckpointError, match="not tensors"):
+        load_checkpoint({"backbone.body.conv1.weight": [1, 2]}, family="torchvision")
+    with pytest.raises(TypeError, match="path to a checkpoint file or a state dict"):
         load_checkpoint(42)
 
 

@@ -1,7 +1,9 @@
 """Checkpoint loading: read a file or state dict, map it to the engine's layout, build the network.
 
-Only the torchvision layout is read so far; other families (Detectron2, mmdetection,
-matterport) will map onto the same canonical names.
+Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, any ResNet /
+ResNeXt depth) and Detectron2 (model-zoo ``.pkl`` and ``.pth``). The family is detected from the
+checkpoint's keys, or forced with ``family=``; each maps onto the same canonical names and comes
+with its configuration preset. mmdetection and matterport are not read yet.
 """
 
 from __future__ import annotations
@@ -14,12 +16,35 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.config import TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2, MaskRCNNConfig
+from engine.config import (
+    DETECTRON2_MASK_RCNN_R50_FPN,
+    TORCHVISION_MASKRCNN_R50_FPN,
+    TORCHVISION_MASKRCNN_R50_FPN_V2,
+    MaskRCNNConfig,
+)
 from engine.model import ArchitectureSpec, MaskRCNN
+from weights import detectron2 as d2_format
 from weights import torchvision as tv_format
 from weights.errors import CheckpointError, format_list
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "read_state_dict", "load_checkpoint", "build_model"]
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "read_state_dict",
+    "detect_family",
+    "load_checkpoint",
+    "build_model",
+]
+
+FAMILIES = ("torchvision", "detectron2")
+
+# key prefixes that each family's Mask R-CNN parameters start with, to name the closest family
+_FAMILY_PREFIXES = {
+    "torchvision": ("backbone.body.", "backbone.fpn.", "rpn.head.", "roi_heads."),
+    "detectron2": ("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads."),
+    "mmdetection (not supported yet)": ("backbone.", "neck.", "rpn_head.", "roi_head."),
+}
 
 
 @dataclass(frozen=True)
@@ -40,41 +65,97 @@ class LoadedCheckpoint:
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict from a ``.pth`` path or a mapping (which is not modified)."""
-    if isinstance(source, Mapping):
-        state = dict(source)
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, not a torch file, pickled objects
-            raise CheckpointError(
-                f"could not read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
-                "expected a state dict saved with torch.save"
-            ) from exc
-    else:
-        raise TypeError(
-            f"weights must be a path to a .pth file or a state dict (mapping of name to tensor); got {type(source).__name__}"
-        )
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"expected a state dict (mapping of name to tensor); the file holds a {type(state).__name__}")
+    """A plain state dict of tensors from a ``.pth`` path or a mapping (which is not modified)."""
+    state = _read_raw(source)
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(
             "expected a plain state dict of tensors; " + format_list("entries that are not tensors", map(str, bad))
         )
-    return state
+    return dict(state)
 
 
-def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor]) -> LoadedCheckpoint:
-    """Read a checkpoint and convert it to the engine's layout (torchvision family)."""
-    state = read_state_dict(source)
+def _read_raw(source):
+    """The checkpoint as stored: a mapping (state dict or container); a file is read once."""
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "weights must be a path to a checkpoint file or a state dict (mapping of name to tensor); "
+            f"got {type(source).__name__}"
+        )
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+    if path.suffix == ".pkl":
+        return d2_format.read_detectron2(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or a model-zoo pickle under another name
+        try:
+            return d2_format.read_detectron2(path)
+        except CheckpointError:
+            raise CheckpointError(
+                f"could not read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+                "expected a state dict saved with torch.save, or a Detectron2 .pkl/.pth"
+            ) from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"expected a state dict (mapping of name to tensor) or a {{'model': state_dict}} container; "
+            f"the file holds a {type(obj).__name__}"
+        )
+    return obj
+
+
+def _parameter_keys(raw: Mapping) -> list[str]:
+    inner = raw.get("model") if isinstance(raw.get("model"), Mapping) else raw
+    return [str(k) for k in inner]
+
+
+def detect_family(raw: Mapping) -> str:
+    """The checkpoint family of a loaded state dict or container, from its key names.
+
+    Raises:
+        CheckpointError: no known family fits; names the closest family and the keys that did not fit.
+    """
+    keys = _parameter_keys(raw)
+    if d2_format.looks_like_detectron2(keys):
+        return "detectron2"
+    if all(k in tv_format.rename_legacy_keys({k: None for k in keys}) for k in tv_format.SIGNATURE_KEYS):
+        return "torchvision"
+    fitting = {f: [k for k in keys if k.startswith(p)] for f, p in _FAMILY_PREFIXES.items()}
+    closest = max(fitting, key=lambda f: len(fitting[f]))
+    misfits = [k for k in keys if k not in set(fitting[closest])]
+    raise CheckpointError(
+        f"checkpoint of no known family (known: {', '.join(FAMILIES)}); closest: {closest}, "
+        f"{len(fitting[closest])} of {len(keys)} keys fit its layout; " + format_list("keys that did not fit", misfits)
+    )
+
+
+def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family: str | None = None) -> LoadedCheckpoint:
+    """Read a checkpoint and convert it to the engine's layout.
+
+    Args:
+        source: a file path or an in-memory state dict / container (not modified).
+        family: "torchvision" or "detectron2"; None detects it from the keys.
+    """
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} or None; got {family!r}")
+    raw = _read_raw(source)
+    family = family or detect_family(raw)
+    if family == "detectron2":
+        canonical, spec, notes = d2_format.convert(d2_format.read_detectron2(raw))
+        config = DETECTRON2_MASK_RCNN_R50_FPN.replace(
+            bn_eps=notes.bn_eps,
+            stride_in_1x1=notes.stride_in_1x1,
+            pixel_mean=tuple(notes.pixel_mean),
+            pixel_std=tuple(notes.pixel_std),
+        )
+        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="detectron2")
+    state = read_state_dict(raw)
     canonical, spec, eps = tv_format.convert(state)
     preset = TORCHVISION_MASKRCNN_R50_FPN_V2 if spec.fpn_norm else TORCHVISION_MASKRCNN_R50_FPN
-    config = preset.replace(bn_eps=eps)
-    return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="torchvision")
+    return LoadedCheckpoint(state_dict=canonical, spec=spec, config=preset.replace(bn_eps=eps), family="torchvision")
 
 
 def build_model(checkpoint: LoadedCheckpoint, *, config: MaskRCNNConfig, precision: str = "fp32") -> MaskRCNN:

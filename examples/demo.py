@@ -134,7 +134,9 @@ class Progress:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    ap.add_argument("--weights", help="torchvision Mask R-CNN checkpoint (.pth state dict)")
+    ap.add_argument("--weights", help="Mask R-CNN checkpoint: torchvision .pth state dict, or Detectron2 .pkl/.pth")
+    ap.add_argument("--family", choices=["torchvision", "detectron2"],
+                    help="checkpoint family (default: detected from the checkpoint's keys)")
     ap.add_argument("--output", default="out", help="folder for overlays and results.json (default: out)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -167,7 +169,11 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {f.resolve() for f in files}
     predictor = Predictor(
-        args.weights, device=args.device, score_threshold=args.score_threshold, mask_threshold=args.mask_threshold
+        args.weights,
+        family=args.family,
+        device=args.device,
+        score_threshold=args.score_threshold,
+        mask_threshold=args.mask_threshold,
     )
     background = predictor.config.background_index
     if args.class_names:

@@ -40,7 +40,7 @@ def test_demo_writes_overlays_and_coco_results(setup, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     out = tmp_path / "out"
     code = demo.main([str(images), "--weights", str(weights), "--output", str(out), "--device", "cpu",
-                      "--score-threshold", "0.05", "--batch-size", "2"])
+                      "--score-threshold", "0.05", "--batch-size", "2", "--family", "torchvision"])
     assert code == 0
     for stem, hw in (("a", (60, 80)), ("b", (45, 70)), ("c", (33, 21))):
         overlay = cv2.imread(str(out / f"{stem}_overlay.png"))

@@ -16,42 +16,62 @@ def decode_deltas(
     weights: tuple[float, float, float, float],
     clip: float,
     clamp: str = "upper",
+    style: str = "torchvision",
 ) -> Tensor:
     """Apply (dx, dy, dw, dh) deltas to reference boxes (Faster R-CNN parametrisation).
 
     Args:
         deltas: float32 [N, 4 * K]: K deltas per reference box, (dx, dy, dw, dh) each.
         reference: float32 [N, 4] anchors or proposals.
-        weights: (wx, wy, ww, wh); deltas are divided by them.
+        weights: (wx, wy, ww, wh); deltas are divided by them (torchvision, Detectron2), or
+            multiplied by their inverse, mmdetection's ``stds`` (``style="mmdet"``).
         clip: bound on dw, dh before exp (log(1000/16)).
         clamp: "upper" (dw <= clip; torchvision, Detectron2), "symmetric" (|dw| <= clip; mmdet),
             "none" (matterport).
+        style: the float32 operation order of "torchvision" (``BoxCoder.decode_single``: centre
+            ``x1 + 0.5 * w``, deltas divided by the weights) or "mmdet" (``delta2bbox``: centre
+            ``(x1 + x2) * 0.5``, deltas times ``stds``, corners ``centre -/+ size * 0.5``).
 
     Returns:
         float32 [N, 4 * K] decoded boxes, in the reference boxes' frame.
     """
+    if style not in ("torchvision", "mmdet"):
+        raise ValueError(f"unknown box coder style {style!r}; accepted: 'torchvision', 'mmdet'")
     reference = reference.to(deltas.dtype)
     widths = reference[:, 2] - reference[:, 0]
     heights = reference[:, 3] - reference[:, 1]
-    ctr_x = reference[:, 0] + 0.5 * widths
-    ctr_y = reference[:, 1] + 0.5 * heights
-    wx, wy, ww, wh = weights
-    dx = deltas[:, 0::4] / wx
-    dy = deltas[:, 1::4] / wy
-    dw = deltas[:, 2::4] / ww
-    dh = deltas[:, 3::4] / wh
+    if style == "torchvision":
+        ctr_x = reference[:, 0] + 0.5 * widths
+        ctr_y = reference[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = weights
+        dx = deltas[:, 0::4] / wx
+        dy = deltas[:, 1::4] / wy
+        dw = deltas[:, 2::4] / ww
+        dh = deltas[:, 3::4] / wh
+    else:
+        ctr_x = (reference[:, 0] + reference[:, 2]) * 0.5
+        ctr_y = (reference[:, 1] + reference[:, 3]) * 0.5
+        sx, sy, sw, sh = (1.0 / w for w in weights)
+        dx = deltas[:, 0::4] * sx
+        dy = deltas[:, 1::4] * sy
+        dw = deltas[:, 2::4] * sw
+        dh = deltas[:, 3::4] * sh
     if clamp == "upper":
         dw, dh = dw.clamp(max=clip), dh.clamp(max=clip)
     elif clamp == "symmetric":
         dw, dh = dw.clamp(min=-clip, max=clip), dh.clamp(min=-clip, max=clip)
     elif clamp != "none":
         raise ValueError(f"unknown delta clamp {clamp!r}")
-    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
-    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
-    pred_w = torch.exp(dw) * widths[:, None]
-    pred_h = torch.exp(dh) * heights[:, None]
+    if style == "torchvision":
+        pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+        pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    else:
+        pred_ctr_x = ctr_x[:, None] + widths[:, None] * dx
+        pred_ctr_y = ctr_y[:, None] + heights[:, None] * dy
+    pred_w = torch.exp(dw) * widths[:, None] if style == "torchvision" else widths[:, None] * torch.exp(dw)
+    pred_h = torch.exp(dh) * heights[:, None] if style == "torchvision" else heights[:, None] * torch.exp(dh)
     half = torch.tensor(0.5, dtype=deltas.dtype, device=deltas.device)
-    half_w, half_h = half * pred_w, half * pred_h
+    half_w, half_h = pred_w * half, pred_h * half
     out = torch.stack(
         (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2
     )

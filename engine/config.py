@@ -74,6 +74,8 @@ class MaskRCNNConfig:
     Box coder (shared by RPN and box head)
         box_delta_clip: dw, dh limit, log(1000/16).
         box_delta_clamp: "upper" (torchvision, Detectron2), "symmetric" (mmdet) or "none" (matterport).
+        box_coder_style: float32 operation order of the decoding, "torchvision" (also Detectron2's) or
+            "mmdet" (``delta2bbox``); see :func:`engine.boxes.decode_deltas`.
 
     RoI pooling
         box_pool_size, mask_pool_size: RoIAlign output sizes.
@@ -90,6 +92,8 @@ class MaskRCNNConfig:
         detections_per_image: at most this many detections per image.
 
     Back to the input image
+        rescale_style: "multiply" by original / resized (torchvision, Detectron2) or "divide" by
+            resized / original (mmdetection's scale_factor).
         clip_boxes_to_original: clip the scaled boxes to the input image and drop empty ones before
             pasting masks (Detectron2's ``detector_postprocess``); torchvision does neither.
 
@@ -130,6 +134,7 @@ class MaskRCNNConfig:
     # box coder
     box_delta_clip: float = math.log(1000.0 / 16)
     box_delta_clamp: str = "upper"
+    box_coder_style: str = "torchvision"
     # roi pooling
     box_pool_size: int = 7
     mask_pool_size: int = 14
@@ -144,6 +149,7 @@ class MaskRCNNConfig:
     nms_threshold: float = 0.5
     detections_per_image: int = 100
     # back to the input image
+    rescale_style: str = "multiply"
     clip_boxes_to_original: bool = False
     # masks
     mask_threshold: float = 0.5
@@ -160,6 +166,8 @@ class MaskRCNNConfig:
             )
         _one_of("anchor_stride", self.anchor_stride, _ANCHOR_STRIDES)
         _one_of("box_delta_clamp", self.box_delta_clamp, _DELTA_CLAMPS)
+        _one_of("box_coder_style", self.box_coder_style, ("torchvision", "mmdet"))
+        _one_of("rescale_style", self.rescale_style, ("multiply", "divide"))
         _one_of("background_index", self.background_index, _BACKGROUND)
         _one_of("paste_method", self.paste_method, _PASTE_METHODS)
         for name in ("pixel_mean", "pixel_std"):
@@ -227,9 +235,40 @@ DETECTRON2_MASK_RCNN_R50_FPN = MaskRCNNConfig(
     paste_method="grid_sample",
 )
 
+#: mmdetection 2.x / 3.x ``mask-rcnn_r50_fpn_1x_coco``: section C of the reference notes.
+MMDET_MASK_RCNN_R50_FPN = MaskRCNNConfig(
+    name="mmdet_mask_rcnn_r50_fpn",
+    channel_order="RGB",
+    input_scale=1.0,
+    pixel_mean=(123.675, 116.28, 103.53),
+    pixel_std=(58.395, 57.12, 57.375),
+    normalize_before_resize=False,
+    resize_rounding="round_half_up",
+    resize_method="cv2_linear",
+    bn_eps=1e-5,
+    anchor_round=False,
+    anchor_stride="fixed",
+    rpn_min_size=0.0,
+    rpn_min_size_inclusive=False,
+    box_delta_clamp="symmetric",
+    box_coder_style="mmdet",
+    roi_sampling_ratio=0,
+    roi_aligned=True,
+    level_rule=LevelRule(canonical_size=56.0, canonical_level=2, eps=1e-6, eps_inside_log=True),
+    background_index="last",
+    detection_min_size=0.0,
+    rescale_style="divide",
+    paste_method="grid_sample",
+)
+
 PRESETS: dict[str, MaskRCNNConfig] = {
     preset.name: preset
-    for preset in (TORCHVISION_MASKRCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN_V2, DETECTRON2_MASK_RCNN_R50_FPN)
+    for preset in (
+        TORCHVISION_MASKRCNN_R50_FPN,
+        TORCHVISION_MASKRCNN_R50_FPN_V2,
+        DETECTRON2_MASK_RCNN_R50_FPN,
+        MMDET_MASK_RCNN_R50_FPN,
+    )
 }
 
 

@@ -42,15 +42,24 @@ DEFAULT_CPU_CHUNK_BYTES = 1 << 30  # 1 GiB of pasted masks per chunk on CPU
 CUDA_FREE_FRACTION = 0.8  # share of free GPU memory the paste may use (results + one chunk)
 
 
-def rescale_boxes(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int]) -> Tensor:
-    """float32 [N, 4] boxes from resized-image pixels to original-image pixels."""
-    ratio_h = torch.tensor(original[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        resized[0], dtype=torch.float32, device=boxes.device
-    )
-    ratio_w = torch.tensor(original[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        resized[1], dtype=torch.float32, device=boxes.device
-    )
+def rescale_boxes(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int], *, style: str = "multiply") -> Tensor:
+    """float32 [N, 4] boxes from resized-image pixels to original-image pixels.
+
+    "multiply": by float32 ``original / resized`` per axis (torchvision's ``resize_boxes``;
+    Detectron2's ``scale`` gives the same float32 factors); "divide": by float32
+    ``resized / original`` (mmdetection's ``bboxes / scale_factor``).
+    """
+    if style == "multiply":
+        num, den = original, resized
+    elif style == "divide":
+        num, den = resized, original
+    else:
+        raise ValueError(f"unknown rescale style {style!r}; accepted: 'multiply', 'divide'")
+    as_f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=boxes.device)  # noqa: E731
+    ratio_h, ratio_w = as_f32(num[0]) / as_f32(den[0]), as_f32(num[1]) / as_f32(den[1])
     x1, y1, x2, y2 = boxes.unbind(1)
+    if style == "divide":
+        return torch.stack((x1 / ratio_w, y1 / ratio_h, x2 / ratio_w, y2 / ratio_h), dim=1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
@@ -212,7 +221,10 @@ def to_original_frame(
     threshold = config.mask_threshold
     if crop and (threshold is None or threshold < 0):
         raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
-    boxes = [rescale_boxes(d.boxes, s, o) for d, s, o in zip(detections, image_sizes, original_sizes)]
+    boxes = [
+        rescale_boxes(d.boxes, s, o, style=config.rescale_style)
+        for d, s, o in zip(detections, image_sizes, original_sizes)
+    ]
     if config.clip_boxes_to_original:
         detections, mask_probs, boxes = _clip_to_original(detections, mask_probs, boxes, original_sizes, config)
     all_boxes = torch.cat(boxes)

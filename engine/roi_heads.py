@@ -132,7 +132,12 @@ def postprocess_detections(
     num_box_classes = box_deltas.shape[1] // 4
     reference = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
     boxes_all = decode_deltas(
-        box_deltas, reference, weights=config.box_coder_weights, clip=config.box_delta_clip, clamp=config.box_delta_clamp
+        box_deltas,
+        reference,
+        weights=config.box_coder_weights,
+        clip=config.box_delta_clip,
+        clamp=config.box_delta_clamp,
+        style=config.box_coder_style,
     ).reshape(-1, num_box_classes, 4)
     scores_all = F.softmax(class_logits, -1)
 

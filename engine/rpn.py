@@ -99,6 +99,7 @@ def select_proposals(
         weights=config.rpn_box_weights,
         clip=config.box_delta_clip,
         clamp=config.box_delta_clamp,
+        style=config.box_coder_style,
     ).view(num_images, -1, 4)
 
     proposals, proposal_scores = [], []

@@ -63,3 +63,47 @@ def test_detectron2_clips_scaled_boxes_and_drops_empty_ones():
     assert d2.boxes.tolist() == [[5, 5, 30, 30], [0, 0, 20, 50]]
     assert d2.labels.tolist() == [0, 1] and d2.scores.tolist() == tv.scores[:2].tolist()
     assert d2.masks.shape == (2, 50, 50) and d2.masks[0, 15, 15] and not d2.masks[0, 45, 45]
+
+
+def test_mmdet_delta2bbox_operation_order():
+    # mmdet delta2bbox (notes C.6): denorm = deltas * stds; centre (x1 + x2) * 0.5; symmetric clamp
+    from engine.boxes import decode_deltas
+
+    g = torch.Generator().manual_seed(0)
+    rois = torch.rand(200, 2, generator=g) * 500
+    rois = torch.cat([rois, rois + 1 + torch.rand(200, 2, generator=g) * 300], 1)
+    deltas = torch.randn(200, 4, generator=g) * 3
+    stds = torch.tensor([0.1, 0.1, 0.2, 0.2])
+    d = deltas * stds
+    max_ratio = abs(math.log(16 / 1000))
+    pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
+    pwh = rois[:, 2:] - rois[:, :2]
+    gxy = pxy + pwh * d[:, :2]
+    gwh = pwh * d[:, 2:].clamp(min=-max_ratio, max=max_ratio).exp()
+    expected = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], 1)
+    ours = decode_deltas(deltas, rois, weights=(10.0, 10.0, 5.0, 5.0), clip=max_ratio, clamp="symmetric", style="mmdet")
+    assert torch.equal(ours, expected)
+
+
+def test_rescale_divide_matches_mmdet_scale_factor():
+    from engine.postprocess import rescale_boxes
+
+    boxes = torch.tensor([[10.3, 20.7, 400.1, 333.3]])
+    resized, original = (800, 1203), (300, 451)
+    scale = torch.tensor([1203 / 451, 800 / 300, 1203 / 451, 800 / 300], dtype=torch.float32)  # (w, h, w, h)
+    assert torch.equal(rescale_boxes(boxes, resized, original, style="divide"), boxes / scale)
+    ratio = torch.tensor([451, 300, 451, 300], dtype=torch.float32) / torch.tensor([1203, 800, 1203, 800], dtype=torch.float32)
+    assert torch.equal(rescale_boxes(boxes, resized, original), boxes * ratio)
+
+
+def test_presets_validate():
+    from engine.config import PRESETS
+
+    assert set(PRESETS) == {
+        "torchvision_maskrcnn_resnet50_fpn",
+        "torchvision_maskrcnn_resnet50_fpn_v2",
+        "detectron2_mask_rcnn_R_50_FPN",
+        "mmdet_mask_rcnn_r50_fpn",
+    }
+    mm = PRESETS["mmdet_mask_rcnn_r50_fpn"]
+    assert mm.level_rule.canonical_size == 56 and mm.level_rule.canonical_level == 2 and mm.level_rule.eps_inside_log

@@ -134,8 +134,8 @@ class Progress:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    ap.add_argument("--weights", help="Mask R-CNN checkpoint: torchvision .pth state dict, or Detectron2 .pkl/.pth")
-    ap.add_argument("--family", choices=["torchvision", "detectron2"],
+    ap.add_argument("--weights", help="Mask R-CNN checkpoint: torchvision .pth, Detectron2 .pkl/.pth or mmdetection .pth")
+    ap.add_argument("--family", choices=["torchvision", "detectron2", "mmdetection"],
                     help="checkpoint family (default: detected from the checkpoint's keys)")
     ap.add_argument("--output", default="out", help="folder for overlays and results.json (default: out)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -67,7 +67,10 @@ def test_forced_wrong_family_and_unknown_family(d2_pkl, tmp_path):
     torch.save(tiny_state_dict(), tv_file)
     with pytest.raises(CheckpointError):
         load_checkpoint(tv_file, family="detectron2")
-    mmdet_like = {"backbone.conv1.weight": torch.zeros(1), "neck.lateral_convs.0.conv.weight": torch.zeros(1),
-                  "roi_head.bbox_head.fc_cls.weight": torch.zeros(1), "extra.thing": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match=r"closest: mmdetection .*keys that did not fit \(1\): extra.thing"):
-        load_checkpoint(mmdet_like)
+    partial = {"backbone.body.conv1.weight": torch.zeros(1), "rpn.head.cls_logits.weight": torch.zeros(1),
+               "extra.thing": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"closest: torchvision, 2 of 3 keys .*did not fit \(1\): extra.thing"):
+        load_checkpoint(partial)
+    # keys that look like Detectron2's go to its reader, which lists what is missing
+    with pytest.raises(CheckpointError, match="not a complete Detectron2 Mask R-CNN"):
+        load_checkpoint({"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)})

@@ -1,9 +1,9 @@
 """Checkpoint loading: read a file or state dict, map it to the engine's layout, build the network.
 
 Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, any ResNet /
-ResNeXt depth) and Detectron2 (model-zoo ``.pkl`` and ``.pth``). The family is detected from the
-checkpoint's keys, or forced with ``family=``; each maps onto the same canonical names and comes
-with its configuration preset. mmdetection and matterport are not read yet.
+ResNeXt depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``) and mmdetection (2.x / 3.x ``.pth``).
+The family is detected from the checkpoint's keys, or forced with ``family=``; each maps onto the
+same canonical names and comes with its configuration preset. matterport is not read yet.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from torch import Tensor
 
 from engine.config import (
     DETECTRON2_MASK_RCNN_R50_FPN,
+    MMDET_MASK_RCNN_R50_FPN,
     TORCHVISION_MASKRCNN_R50_FPN,
     TORCHVISION_MASKRCNN_R50_FPN_V2,
     MaskRCNNConfig,
 )
 from engine.model import ArchitectureSpec, MaskRCNN
 from weights import detectron2 as d2_format
+from weights import mmdetection as mm_format
 from weights import torchvision as tv_format
 from weights.errors import CheckpointError, format_list
 
@@ -37,13 +39,13 @@ __all__ = [
     "build_model",
 ]
 
-FAMILIES = ("torchvision", "detectron2")
+FAMILIES = ("torchvision", "detectron2", "mmdetection")
 
 # key prefixes that each family's Mask R-CNN parameters start with, to name the closest family
 _FAMILY_PREFIXES = {
     "torchvision": ("backbone.body.", "backbone.fpn.", "rpn.head.", "roi_heads."),
     "detectron2": ("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads."),
-    "mmdetection (not supported yet)": ("backbone.", "neck.", "rpn_head.", "roi_head."),
+    "mmdetection": ("backbone.conv1.", "backbone.bn1.", "backbone.layer", "neck.", "rpn_head.", "roi_head."),
 }
 
 
@@ -95,6 +97,7 @@ def _read_raw(source):
         try:
             return d2_format.read_detectron2(path)
         except CheckpointError:
+            mm_format.read_file(path)  # raises the clearer message when weights_only refused an object
             raise CheckpointError(
                 f"could not read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
                 "expected a state dict saved with torch.save, or a Detectron2 .pkl/.pth"
@@ -108,8 +111,11 @@ def _read_raw(source):
 
 
 def _parameter_keys(raw: Mapping) -> list[str]:
-    inner = raw.get("model") if isinstance(raw.get("model"), Mapping) else raw
-    return [str(k) for k in inner]
+    """Parameter names of a state dict, or of a container's ``model`` (Detectron2) or ``state_dict`` (mmdet)."""
+    for entry in ("model", "state_dict"):
+        if isinstance(raw.get(entry), Mapping):
+            return [str(k) for k in raw[entry]]
+    return [str(k) for k in raw]
 
 
 def detect_family(raw: Mapping) -> str:
@@ -121,6 +127,8 @@ def detect_family(raw: Mapping) -> str:
     keys = _parameter_keys(raw)
     if d2_format.looks_like_detectron2(keys):
         return "detectron2"
+    if mm_format.looks_like_mmdetection(keys):
+        return "mmdetection"
     if all(k in tv_format.rename_legacy_keys({k: None for k in keys}) for k in tv_format.SIGNATURE_KEYS):
         return "torchvision"
     fitting = {f: [k for k in keys if k.startswith(p)] for f, p in _FAMILY_PREFIXES.items()}
@@ -137,7 +145,7 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family:
 
     Args:
         source: a file path or an in-memory state dict / container (not modified).
-        family: "torchvision" or "detectron2"; None detects it from the keys.
+        family: "torchvision", "detectron2" or "mmdetection"; None detects it from the keys.
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} or None; got {family!r}")
@@ -152,6 +160,16 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family:
             pixel_std=tuple(notes.pixel_std),
         )
         return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="detectron2")
+    if family == "mmdetection":
+        canonical, spec, notes = mm_format.convert(raw)
+        config = MMDET_MASK_RCNN_R50_FPN.replace(
+            bn_eps=notes.bn_eps,
+            stride_in_1x1=notes.stride_in_1x1,
+            channel_order=notes.channel_order,
+            pixel_mean=tuple(notes.pixel_mean),
+            pixel_std=tuple(notes.pixel_std),
+        )
+        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="mmdetection")
     state = read_state_dict(raw)
     canonical, spec, eps = tv_format.convert(state)
     preset = TORCHVISION_MASKRCNN_R50_FPN_V2 if spec.fpn_norm else TORCHVISION_MASKRCNN_R50_FPN

@@ -5,7 +5,6 @@ clear errors when the family is forced wrongly or unknown."""
 import dataclasses
 import pickle
 
-import numpy as np
 import pytest
 import torch
 

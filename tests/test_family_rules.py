@@ -4,7 +4,6 @@ documented behaviour (reference notes, sections 0, B and F)."""
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from engine.anchors import base_anchors, grid_anchors

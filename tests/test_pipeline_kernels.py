@@ -5,7 +5,6 @@ with CUDA the same comparison runs the compiled kernels on the GPU against the r
 on the GPU. The tiny network and a small RPN budget keep the interpreter's grids small.
 """
 
-import os
 
 import numpy as np
 import pytest

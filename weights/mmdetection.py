@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.config import MaskRCNNConfig
-from engine.model import ArchitectureSpec, MaskRCNN
+from engine.model import ArchitectureSpec
+from weights import layout
 from weights.errors import CheckpointError, format_list
 
 __all__ = [
@@ -397,55 +397,33 @@ def mmdetection_name(canonical: str, *, box_head_convs: int = 0, rpn_conv_depth:
     Raises:
         KeyError: the name has no mmdetection counterpart.
     """
-    sizes = {"box_convs": box_head_convs, "rpn_convs": rpn_conv_depth}
-    for pattern, build in _REVERSE:
-        m = pattern.match(canonical)
-        if m:
-            name = build(m, sizes)
-            if name is not None:
-                return name
-    raise KeyError(f"no mmdetection name for {canonical!r}")
+    return layout.family_name(
+        _REVERSE, canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth, family=FAMILY
+    )
 
 
 def _expected_shapes(spec: ArchitectureSpec, box_pool_size: int) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor of the engine's network for ``spec`` (built on the meta device)."""
-    config = MaskRCNNConfig(name="mmdetection_layout", bn_eps=BN_EPS, box_pool_size=box_pool_size)
-    with torch.device("meta"):
-        model = MaskRCNN(spec=spec, config=config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return layout.expected_shapes(spec, box_pool_size=box_pool_size, bn_eps=BN_EPS)
 
 
 def name_map(spec: ArchitectureSpec, *, box_pool_size: int = 7, _shapes: Mapping | None = None) -> dict[str, str]:
     """mmdetection name -> canonical name of every tensor of a network with these sizes."""
-    shapes = _expected_shapes(spec, box_pool_size) if _shapes is None else _shapes
-    return {
-        mmdetection_name(k, box_head_convs=spec.box_head_convs, rpn_conv_depth=spec.rpn_conv_depth): k for k in shapes
-    }
+    return layout.name_map(mmdetection_name, spec, _expected_shapes(spec, box_pool_size) if _shapes is None else _shapes)
 
 
 # --- sizes -----------------------------------------------------------------------------------
 
 
 def _count(state: Mapping[str, Tensor], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
+    return layout.indices(state, pattern)
 
 
 def _require(state: Mapping[str, Tensor], keys: Iterable[str], why: str = "") -> None:
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(
-            f"this is not a complete {FAMILY} Mask R-CNN R-FPN checkpoint{why}; "
-            + format_list("missing keys", missing)
-            + f"; {_EXPECTED}"
-        )
+    layout.require(state, keys, family=FAMILY, expected=_EXPECTED, why=why)
 
 
 def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
-    shape = tuple(state[key].shape)
-    if axis >= len(shape):
-        raise CheckpointError(f"{key} has shape {shape}; an {FAMILY} Mask R-CNN has more dimensions there")
-    return int(shape[axis])
+    return layout.dim(state, key, axis, family=FAMILY)
 
 
 def _refuse_other_detectors(state: Mapping[str, Tensor]) -> None:

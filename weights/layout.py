@@ -1,0 +1,75 @@
+"""Helpers shared by the readers of checkpoint families whose names differ from the engine's.
+
+Each family module keeps a table of (canonical-name pattern, builder) rules that give its own
+name for every canonical parameter; the functions here turn such a table into names, name maps
+and size checks, so that Detectron2 and mmdetection share one implementation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from engine.config import MaskRCNNConfig
+from engine.model import ArchitectureSpec, MaskRCNN
+from weights.errors import CheckpointError, format_list
+
+#: (pattern on the canonical name, builder(match, sizes) -> family name or None)
+Rules = Sequence[tuple[re.Pattern, Callable]]
+
+
+def family_name(rules: Rules, canonical: str, *, box_head_convs: int, rpn_conv_depth: int, family: str) -> str:
+    """The family's name for a canonical parameter name.
+
+    Raises:
+        KeyError: the name has no counterpart in that family.
+    """
+    sizes = {"box_convs": box_head_convs, "rpn_convs": rpn_conv_depth}
+    for pattern, build in rules:
+        m = pattern.match(canonical)
+        if m:
+            name = build(m, sizes)
+            if name is not None:
+                return name
+    raise KeyError(f"no {family} name for {canonical!r}")
+
+
+def expected_shapes(spec: ArchitectureSpec, *, box_pool_size: int, bn_eps: float) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor of the engine's network for ``spec`` (built on the meta device)."""
+    config = MaskRCNNConfig(name="layout", bn_eps=bn_eps, box_pool_size=box_pool_size)
+    with torch.device("meta"):
+        model = MaskRCNN(spec=spec, config=config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def name_map(to_family: Callable[..., str], spec: ArchitectureSpec, shapes: Mapping) -> dict[str, str]:
+    """Family name -> canonical name of every tensor in ``shapes``."""
+    return {to_family(k, box_head_convs=spec.box_head_convs, rpn_conv_depth=spec.rpn_conv_depth): k for k in shapes}
+
+
+def indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by group 1 of ``pattern`` over the state's keys."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
+
+
+def require(state: Mapping, keys: Iterable[str], *, family: str, expected: str, why: str = "") -> None:
+    """CheckpointError listing the ``keys`` that ``state`` lacks."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"this is not a complete {family} Mask R-CNN R-FPN checkpoint{why}; "
+            + format_list("missing keys", missing)
+            + f"; {expected}"
+        )
+
+
+def dim(state: Mapping[str, Tensor], key: str, axis: int, *, family: str) -> int:
+    """Size of ``state[key]`` along ``axis``, with a clear error when the tensor has fewer dimensions."""
+    shape = tuple(state[key].shape)
+    if axis >= len(shape):
+        raise CheckpointError(f"{key} has shape {shape}; a {family} Mask R-CNN has more dimensions there")
+    return int(shape[axis])

@@ -161,6 +161,12 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        import pycocotools.mask  # noqa: F401  (results.json holds RLE masks)
+    except ImportError:
+        print("error: the demo encodes masks with pycocotools: pip install -e '.[coco]' (or pip install pycocotools)",
+              file=sys.stderr)
+        return 2
     files = collect_inputs(args.inputs)
     if not files:
         print("error: no images found in the inputs", file=sys.stderr)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels._checks import describe as _describe
 from kernels._dispatch import use_triton
 
 try:  # triton is an optional dependency (Linux only); the reference needs only torch
@@ -84,10 +85,6 @@ def _check_groups(groups: Tensor, scores: Tensor) -> None:
         raise ValueError(f"groups must be a tensor [N] matching scores; got {_describe(groups)}")
 
 
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
 
 
 # --------------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._checks import describe as _describe
 from kernels._dispatch import use_triton
 
 try:  # Triton is a Linux-only dependency; the reference works without it.
@@ -151,10 +152,6 @@ _NUM_WARPS = 4
 # --------------------------------------------------------------------------------------
 
 
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
-    return f"{type(x).__name__} {x!r}"[:200]
 
 
 def _as_int(value, what: str) -> int:

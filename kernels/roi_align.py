@@ -51,6 +51,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kernels._checks import describe as _describe
 from kernels._dispatch import use_triton
 
 try:  # triton is an optional dependency (Linux only); the reference needs only torch
@@ -198,10 +199,6 @@ def _level_area_thresholds(rule: LevelRule, device_type: str = "cpu") -> tuple:
 # --------------------------------------------------------------------------------------
 
 
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
-    return f"{type(x).__name__} {x!r}"
 
 
 def _check_level_rule(level_rule) -> None:

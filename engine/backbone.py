@@ -99,11 +99,44 @@ class Bottleneck(nn.Module):
         return F.relu(out + identity)
 
 
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block (He et al. 2016): two 3x3 convs plus shortcut, the stride on the first conv.
+
+    The shortcut is a strided 1x1 conv + batch norm where the stride or the width changes
+    (torchvision's rule), the identity elsewhere.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, bn_eps: float, downsample: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                FrozenBatchNorm2d(out_channels, eps=bn_eps),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+BLOCKS = ("bottleneck", "basic")
+
+
 class ResNetBody(nn.Module):
     """ResNet / ResNeXt stem and four stages; returns C2..C5 (strides 4, 8, 16, 32).
 
     Args:
-        blocks_per_stage: e.g. (3, 4, 6, 3) for ResNet-50, (3, 4, 23, 3) for ResNet-101.
+        block: "bottleneck" (ResNet-50/101/152, ResNeXt) or "basic" (ResNet-18/34, where
+            ``stage_widths`` must equal ``stage_out_channels`` and ``groups`` is 1).
+        blocks_per_stage: e.g. (3, 4, 6, 3) for ResNet-50, (3, 4, 23, 3) for ResNet-101,
+            (2, 2, 2, 2) for ResNet-18.
         stage_widths: inner (3x3) width of each stage's blocks: (64, 128, 256, 512) for ResNet,
             (128, 256, 512, 1024) for ResNeXt-50 32x4d.
         stage_out_channels: output channels of each stage, (256, 512, 1024, 2048).
@@ -115,6 +148,7 @@ class ResNetBody(nn.Module):
     def __init__(
         self,
         *,
+        block: str = "bottleneck",
         blocks_per_stage: tuple[int, int, int, int],
         stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512),
         stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048),
@@ -123,6 +157,13 @@ class ResNetBody(nn.Module):
         bn_eps: float,
     ) -> None:
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {block!r}")
+        if block == "basic" and (tuple(stage_widths) != tuple(stage_out_channels) or groups != 1):
+            raise ValueError(
+                f"basic blocks have one width per stage and no groups; got widths {stage_widths}, "
+                f"outputs {stage_out_channels}, groups {groups}"
+            )
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = FrozenBatchNorm2d(64, eps=bn_eps)
         in_channels = 64
@@ -131,18 +172,23 @@ class ResNetBody(nn.Module):
         ):
             layers = []
             for b in range(blocks):
-                layers.append(
-                    Bottleneck(
-                        in_channels,
-                        width,
-                        out_channels,
-                        stride=2 if (b == 0 and stage > 1) else 1,
-                        groups=groups,
-                        stride_in_1x1=stride_in_1x1,
-                        bn_eps=bn_eps,
-                        downsample=(b == 0),
+                stride = 2 if (b == 0 and stage > 1) else 1
+                downsample = stride != 1 or in_channels != out_channels
+                if block == "basic":
+                    layers.append(BasicBlock(in_channels, out_channels, stride=stride, bn_eps=bn_eps, downsample=downsample))
+                else:
+                    layers.append(
+                        Bottleneck(
+                            in_channels,
+                            width,
+                            out_channels,
+                            stride=stride,
+                            groups=groups,
+                            stride_in_1x1=stride_in_1x1,
+                            bn_eps=bn_eps,
+                            downsample=downsample,
+                        )
                     )
-                )
                 in_channels = out_channels
             self.add_module(f"layer{stage}", nn.Sequential(*layers))
         self.out_channels = tuple(stage_out_channels)

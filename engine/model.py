@@ -37,7 +37,8 @@ class ArchitectureSpec:
     """Sizes of the network, read from a checkpoint's tensor shapes.
 
     Attributes:
-        blocks_per_stage: bottleneck blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
+        block: residual block kind, "bottleneck" (ResNet-50 and deeper, ResNeXt) or "basic" (ResNet-18/34).
+        blocks_per_stage: residual blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
         stage_widths: inner 3x3 width per stage ((64, 128, 256, 512) ResNet; wider for ResNeXt).
         stage_out_channels: output channels per stage.
         groups: groups of the 3x3 convs (1 ResNet, 32 or 64 ResNeXt).
@@ -54,6 +55,7 @@ class ArchitectureSpec:
         num_mask_classes: mask logit channels.
     """
 
+    block: str = "bottleneck"
     blocks_per_stage: tuple[int, int, int, int] = (3, 4, 6, 3)
     stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048)
@@ -131,6 +133,7 @@ class MaskRCNN(nn.Module):
         self.config = config
         self.precision = precision
         self.backbone = Backbone(
+            block=spec.block,
             blocks_per_stage=spec.blocks_per_stage,
             stage_widths=spec.stage_widths,
             stage_out_channels=spec.stage_out_channels,

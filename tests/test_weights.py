@@ -121,6 +121,9 @@ def test_wrong_container(tmp_path):
              rpn_conv_depth=2),  # torchvision v2 layout
         dict(groups=4, stage_widths=(32, 64, 128, 256)),  # ResNeXt-style grouped, wider stages
         dict(blocks_per_stage=(2, 1, 3, 1)),
+        dict(block="basic", stage_out_channels=(64, 128, 256, 512)),  # ResNet-18/34 basic blocks
+        dict(block="basic", blocks_per_stage=(2, 2, 2, 2), stage_widths=(32, 64, 96, 128),
+             stage_out_channels=(32, 64, 96, 128)),  # stem 64 -> 32: layer1 needs a projection shortcut
     ],
 )
 def test_architecture_round_trip(changes):

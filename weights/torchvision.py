@@ -1,6 +1,6 @@
 """torchvision Mask R-CNN checkpoints (``maskrcnn_resnet50_fpn`` and ``maskrcnn_resnet50_fpn_v2`` layouts).
 
-Sizes are read from tensor shapes, so ResNet-50/101/152 and ResNeXt backbones
+Sizes are read from tensor shapes, so ResNet-18/34 (basic blocks), ResNet-50/101/152 and ResNeXt backbones
 (``resnet_fpn_backbone("resnext101_32x8d", ...)``) load too, as does v2's batch norm in the
 FPN and heads, its two-conv RPN head and four-conv box head.
 
@@ -86,16 +86,16 @@ def architecture(state: Mapping[str, Tensor]) -> ArchitectureSpec:
     blocks = tuple(count(rf"^backbone\.body\.layer{s}\.(\d+)\.conv1\.weight$") for s in (1, 2, 3, 4))
     if min(blocks) == 0:
         raise CheckpointError(f"backbone stages have {blocks} blocks; every stage layer1..layer4 needs at least one")
-    if "backbone.body.layer1.0.conv3.weight" not in state:
-        raise CheckpointError(
-            "backbone.body.layer1.0.conv3.weight is missing: only bottleneck ResNets (50/101/152) are supported"
-        )
+    # bottleneck blocks (ResNet-50 and deeper, ResNeXt) end in conv3; basic blocks (ResNet-18/34) stop at conv2
+    block = "bottleneck" if "backbone.body.layer1.0.conv3.weight" in state else "basic"
+    last_conv = "conv3" if block == "bottleneck" else "conv2"
+    require_keys(state, [f"backbone.body.layer{s}.0.{last_conv}.weight" for s in (1, 2, 3, 4)], family="torchvision")
     num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
     mask_convs = count(r"^roi_heads\.mask_head\.(\d+)\.0\.weight$")
     if mask_convs == 0:
         raise CheckpointError("roi_heads.mask_head.0.0.weight is missing: the mask head has no convolutions")
     widths = tuple(state[f"backbone.body.layer{s}.0.conv1.weight"].shape[0] for s in (1, 2, 3, 4))
-    outs = tuple(state[f"backbone.body.layer{s}.0.conv3.weight"].shape[0] for s in (1, 2, 3, 4))
+    outs = tuple(state[f"backbone.body.layer{s}.0.{last_conv}.weight"].shape[0] for s in (1, 2, 3, 4))
     groups = widths[0] // state["backbone.body.layer1.0.conv2.weight"].shape[1]
     box_convs = count(r"^roi_heads\.box_head\.(\d+)\.0\.weight$")
     if box_convs:  # torchvision v2 FastRCNNConvFCHead: convs 0..n-1, Flatten n, Linear n+1
@@ -108,6 +108,7 @@ def architecture(state: Mapping[str, Tensor]) -> ArchitectureSpec:
         representation = state["roi_heads.box_head.fc6.weight"].shape[0]
         box_conv_channels = 256
     return ArchitectureSpec(
+        block=block,
         blocks_per_stage=blocks,  # type: ignore[arg-type]
         stage_widths=widths,  # type: ignore[arg-type]
         stage_out_channels=outs,  # type: ignore[arg-type]

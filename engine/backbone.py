@@ -57,6 +57,14 @@ class ConvNorm(nn.Sequential):
         return F.relu(x) if self.relu else x
 
 
+def projection_shortcut(in_channels: int, out_channels: int, *, stride: int, bn_eps: float) -> nn.Sequential:
+    """A residual block's shortcut where the stride or width changes: strided 1x1 conv + frozen batch norm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        FrozenBatchNorm2d(out_channels, eps=bn_eps),
+    )
+
+
 class Bottleneck(nn.Module):
     """ResNet / ResNeXt bottleneck: 1x1, 3x3 (grouped for ResNeXt), 1x1, plus shortcut.
 
@@ -84,12 +92,7 @@ class Bottleneck(nn.Module):
         self.bn2 = FrozenBatchNorm2d(width, eps=bn_eps)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
-        self.downsample = None
-        if downsample:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                FrozenBatchNorm2d(out_channels, eps=bn_eps),
-            )
+        self.downsample = projection_shortcut(in_channels, out_channels, stride=stride, bn_eps=bn_eps) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -112,12 +115,7 @@ class BasicBlock(nn.Module):
         self.bn1 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
-        self.downsample = None
-        if downsample:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                FrozenBatchNorm2d(out_channels, eps=bn_eps),
-            )
+        self.downsample = projection_shortcut(in_channels, out_channels, stride=stride, bn_eps=bn_eps) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -127,6 +125,22 @@ class BasicBlock(nn.Module):
 
 
 BLOCKS = ("bottleneck", "basic")
+
+
+def tf_same_max_pool(x: Tensor, *, kernel_size: int, stride: int) -> Tensor:
+    """Max-pool with TensorFlow's SAME padding: [B, C, H, W] -> [B, C, ceil(H / s), ceil(W / s)].
+
+    Per axis, ``pad = max((out - 1) * stride + kernel - size, 0)`` with ``pad // 2`` before and the
+    rest after (so for an even map and kernel 3, stride 2: none before, one after), padded
+    cells never winning. PyTorch's symmetric ``padding=1`` would shift every window by one pixel.
+    """
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last axis first
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel_size - size, 0)
+        pads += [total // 2, total - total // 2]
+    x = F.pad(x, pads, value=float("-inf"))
+    return F.max_pool2d(x, kernel_size=kernel_size, stride=stride)
 
 
 class ResNetBody(nn.Module):
@@ -142,6 +156,8 @@ class ResNetBody(nn.Module):
         stage_out_channels: output channels of each stage, (256, 512, 1024, 2048).
         groups: groups of the 3x3 convs (32 for ResNeXt 32xNd).
         stride_in_1x1: put the stride on the first 1x1 conv instead of the 3x3.
+        stem_pool: "torch" (max-pool padded by 1 on each side) or "tf_same" (TensorFlow's SAME
+            padding, see :func:`tf_same_max_pool`; Keras ResNets such as matterport's).
         bn_eps: eps of every frozen batch norm.
     """
 
@@ -154,9 +170,13 @@ class ResNetBody(nn.Module):
         stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048),
         groups: int = 1,
         stride_in_1x1: bool = False,
+        stem_pool: str = "torch",
         bn_eps: float,
     ) -> None:
         super().__init__()
+        if stem_pool not in ("torch", "tf_same"):
+            raise ValueError(f"stem_pool must be 'torch' or 'tf_same'; got {stem_pool!r}")
+        self.stem_pool = stem_pool
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {block!r}")
         if block == "basic" and (tuple(stage_widths) != tuple(stage_out_channels) or groups != 1):
@@ -195,7 +215,10 @@ class ResNetBody(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        if self.stem_pool == "tf_same":
+            x = tf_same_max_pool(x, kernel_size=3, stride=2)
+        else:
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

@@ -26,6 +26,7 @@ _RESIZE_METHODS = (
     "skimage_uint8",  # matterport: skimage.transform.resize(order=1) on uint8, truncated to uint8
 )
 _ANCHOR_STRIDES = ("padded_div_feature", "fixed")
+STEM_POOLS = ("torch", "tf_same")
 _DELTA_CLAMPS = ("upper", "symmetric", "none")
 _BACKGROUND = ("first", "last")
 _PASTE_METHODS = ("torchvision", "grid_sample")
@@ -54,6 +55,8 @@ class MaskRCNNConfig:
     Backbone
         bn_eps: eps of the frozen batch norms (torchvision COCO v1: 0.0; nn.BatchNorm2d: 1e-5).
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
+        stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
+            (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).
 
     Anchors
         anchor_sizes: one size per FPN level P2..P6, in input pixels.
@@ -118,6 +121,7 @@ class MaskRCNNConfig:
     # backbone
     bn_eps: float = 0.0
     stride_in_1x1: bool = False
+    stem_pool: str = "torch"
     # anchors
     anchor_sizes: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
     anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -164,6 +168,7 @@ class MaskRCNNConfig:
                 f"resize_method={self.resize_method!r} resizes the uint8 image, before normalisation; "
                 "it needs normalize_before_resize=False"
             )
+        _one_of("stem_pool", self.stem_pool, STEM_POOLS)
         _one_of("anchor_stride", self.anchor_stride, _ANCHOR_STRIDES)
         _one_of("box_delta_clamp", self.box_delta_clamp, _DELTA_CLAMPS)
         _one_of("box_coder_style", self.box_coder_style, ("torchvision", "mmdet"))

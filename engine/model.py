@@ -46,6 +46,7 @@ class ArchitectureSpec:
         fpn_norm: FPN convs followed by batch norm (torchvision v2).
         num_anchors: anchors per location (A).
         rpn_conv_depth: 3x3 convs in the RPN head.
+        rpn_channels: width of those convs (None: ``fpn_channels``; matterport: 512).
         box_head_convs: 3x3 convs before the box head's fully connected layer (0: two-layer MLP head).
         box_head_conv_channels, box_head_norm: width of those convs, and whether batch norm follows them.
         representation_size: width of the box head's fully connected layers.
@@ -64,6 +65,7 @@ class ArchitectureSpec:
     fpn_norm: bool = False
     num_anchors: int = 3
     rpn_conv_depth: int = 1
+    rpn_channels: int | None = None
     box_head_convs: int = 0
     box_head_conv_channels: int = 256
     box_head_norm: bool = False
@@ -139,11 +141,19 @@ class MaskRCNN(nn.Module):
             stage_out_channels=spec.stage_out_channels,
             groups=spec.groups,
             stride_in_1x1=config.stride_in_1x1,
+            stem_pool=config.stem_pool,
             fpn_channels=spec.fpn_channels,
             fpn_norm=spec.fpn_norm,
             bn_eps=config.bn_eps,
         )
-        self.rpn = _RPN(RPNHead(channels=spec.fpn_channels, num_anchors=spec.num_anchors, conv_depth=spec.rpn_conv_depth))
+        self.rpn = _RPN(
+            RPNHead(
+                channels=spec.fpn_channels,
+                num_anchors=spec.num_anchors,
+                conv_depth=spec.rpn_conv_depth,
+                conv_channels=spec.rpn_channels,
+            )
+        )
         self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size, bn_eps=config.bn_eps)
 
     def _network_precision(self, device: torch.device):

@@ -18,15 +18,19 @@ from kernels.nms import batched_nms
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU (``conv_depth`` times), then 1x1 objectness (A) and 1x1 deltas (4A), shared by all levels."""
+    """3x3 conv + ReLU (``conv_depth`` times), then 1x1 objectness (A) and 1x1 deltas (4A), shared by all levels.
 
-    def __init__(self, *, channels: int, num_anchors: int, conv_depth: int = 1) -> None:
+    The 3x3 convs are ``channels`` wide unless ``conv_channels`` says otherwise (matterport: 512 on a 256 FPN).
+    """
+
+    def __init__(self, *, channels: int, num_anchors: int, conv_depth: int = 1, conv_channels: int | None = None) -> None:
         super().__init__()
+        width = channels if conv_channels is None else conv_channels
         self.conv = nn.Sequential(
-            *(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1)) for _ in range(conv_depth))
+            *(nn.Sequential(nn.Conv2d(channels if i == 0 else width, width, 3, padding=1)) for i in range(conv_depth))
         )
-        self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
-        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+        self.cls_logits = nn.Conv2d(width, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(width, num_anchors * 4, 1)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness logits [B, A, h, w] and deltas [B, 4A, h, w]."""

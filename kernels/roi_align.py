@@ -2,7 +2,9 @@
 
 Reproduces what torchvision's ``MultiScaleRoIAlign`` computes (its ``LevelMapper``
 followed by the compiled CPU ``roi_align`` on each level), and the level-assignment
-variants of Detectron2, mmdetection and matterport through :class:`LevelRule`.
+variants of Detectron2, mmdetection and matterport through :class:`LevelRule`; with
+``mode="crop_and_resize"``, matterport's ``PyramidROIAlign`` (TensorFlow's
+``crop_and_resize`` per level, see below).
 
 Frames and layouts
 ------------------
@@ -10,11 +12,12 @@ Frames and layouts
   format), map i being FPN level ``level_rule.min_level + i``.
 * ``rois``: float32 ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in padded
   input-image pixels (the frame of ``torchvision.ops.roi_align``); a RoI is mapped
-  onto level l's map by multiplying by ``spatial_scales[l]``.
+  onto level l's map by multiplying by ``spatial_scales[l]``. (In
+  ``mode="crop_and_resize"``: normalized coordinates, see that section.)
 * result: float32 ``[R, C, output_size, output_size]``, contiguous NCHW, row r
   pooled from the level that :func:`assign_levels` gives RoI r.
 
-Arithmetic reproduced (torchvision ``csrc/ops/cpu/roi_align_kernel.cpp`` and
+Arithmetic reproduced in the default ``mode="roi_align"`` (torchvision ``csrc/ops/cpu/roi_align_kernel.cpp`` and
 ``roi_align_common.h``), all in float32 with the same operation order:
 ``start = x1 * scale - offset`` (offset 0.5 when ``aligned``), ``roi = end - start``
 (at least 1 when not aligned), ``bin = roi / out``, grid ``= sampling_ratio`` or
@@ -26,6 +29,37 @@ bilinear with the corner clamping of torchvision, summed in (iy, ix) order as
 The kernel runs with floating-point contraction (FMA fusion) off and uses IEEE
 division, so the sample positions, hence which samples fall inside the map, are
 the same as the reference's.
+
+Mode ``"crop_and_resize"`` (matterport ``PyramidROIAlign``)
+---------------------------------------------------------
+With ``mode="crop_and_resize"`` every function here reproduces matterport
+Mask_RCNN's ``PyramidROIAlign``: TensorFlow's
+``tf.image.crop_and_resize(map, boxes, box_indices, [P, P], method="bilinear",
+extrapolation_value=0)`` applied to the RoIs of each FPN level (TensorFlow's CPU
+kernel ``tensorflow/core/kernels/image/crop_and_resize_op.cc``).
+
+* ``rois`` rows are ``(batch_index, x1, y1, x2, y2)`` in *normalized* coordinates of
+  the padded image (matterport's frame, ``normalized = pixel / (size - 1)``);
+  values outside ``[0, 1]`` and flipped boxes (``x2 < x1``) are allowed.
+* ``spatial_scales``, ``sampling_ratio`` and ``aligned`` are validated but ignored.
+* The level is :func:`assign_levels` of the normalized boxes, so the rule is given
+  in that frame: matterport is ``LevelRule(canonical_size=224 / sqrt(image_area),
+  canonical_level=4, rounding="round")``, e.g. ``224 / 1024`` for 1024 x 1024 inputs.
+* On an ``H x W`` map, output cell ``(i, j)`` is, in float32 in this order::
+
+      height_scale = (y2 - y1) * (H - 1) / (P - 1)             (0 when P == 1)
+      in_y = y1 * (H - 1) + i * height_scale                   (P > 1)
+      in_y = 0.5 * (y1 + y2) * (H - 1)                         (P == 1)
+      (in_x likewise with x1, x2, W and j)
+      0 (every channel) if in_y < 0 or in_y > H - 1 or in_x < 0 or in_x > W - 1, else
+      top, bottom, left, right = floor(in_y), ceil(in_y), floor(in_x), ceil(in_x)
+      y_lerp, x_lerp = in_y - top, in_x - left
+      top_v = tl + (tr - tl) * x_lerp;  bottom_v = bl + (br - bl) * x_lerp
+      out = top_v + (bottom_v - top_v) * y_lerp
+
+  (TensorFlow evaluates the ``P == 1`` centre in double, then rounds to float; the
+  product is exact in double, so this is the same float32 value.) Non-finite
+  sample positions give 0 as well.
 
 Level assignment in the kernel
 ------------------------------
@@ -73,6 +107,7 @@ __all__ = [
 ]
 
 _ROUNDINGS = ("floor", "round")
+_MODES = ("roi_align", "crop_and_resize")
 
 
 @dataclass(frozen=True)
@@ -149,7 +184,9 @@ def assign_levels(rois: Tensor, level_rule: LevelRule) -> Tensor:
     """FPN level index of each RoI.
 
     Args:
-        rois: float32 ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)``, input-image pixels.
+        rois: float32 ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)``, input-image pixels
+            (or normalized coordinates, with a rule expressed in that frame, for
+            ``mode="crop_and_resize"``); the level depends on ``(x2 - x1) * (y2 - y1)`` only.
         level_rule: the assignment rule (see :class:`LevelRule`).
 
     Returns:
@@ -199,6 +236,11 @@ def _level_area_thresholds(rule: LevelRule, device_type: str = "cpu") -> tuple:
 # --------------------------------------------------------------------------------------
 
 
+
+
+def _check_mode(mode) -> None:
+    if not (isinstance(mode, str) and mode in _MODES):
+        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
 
 
 def _check_level_rule(level_rule) -> None:
@@ -373,6 +415,60 @@ def _roi_align_one_level(flat: Tensor, hw: tuple, rois: Tensor, geometry: tuple,
     return acc.permute(0, 2, 1).reshape(n, C, out, out)
 
 
+def _crop_and_resize_axis(lo: Tensor, hi: Tensor, size: int, out: int):
+    """TensorFlow ``crop_and_resize`` sample positions along one axis of an ``size``-long map.
+
+    ``lo`` / ``hi``: float32 [n] normalized box edges (y1, y2 or x1, x2). Returns
+    ``(valid, low, high, lerp)``: bool [n, out], int64 [n, out] x 2, float32 [n, out];
+    ``low`` / ``high`` are ``floor`` / ``ceil`` of the position (0 where not valid).
+    """
+    f32 = torch.float32
+    dev = lo.device
+    m1 = torch.tensor(float(size - 1), dtype=f32, device=dev)
+    if out > 1:
+        pos = torch.arange(out, dtype=f32, device=dev)
+        # a device tensor divisor: a CPU-scalar divisor becomes a multiplication by its reciprocal on CUDA
+        step = ((hi - lo) * m1) / torch.tensor(float(out - 1), dtype=f32, device=dev)
+        coord = (lo * m1)[:, None] + pos[None, :] * step[:, None]
+    else:
+        coord = ((0.5 * (lo + hi)) * m1)[:, None]
+    valid = (coord >= 0.0) & (coord <= m1)  # False for NaN, as for the extrapolated cells
+    coord = torch.where(valid, coord, torch.zeros_like(coord))
+    low_f = torch.floor(coord)
+    low = low_f.to(torch.int64)
+    high = torch.ceil(coord).to(torch.int64)
+    return valid, low, high, coord - low_f
+
+
+def _crop_and_resize_one_level(flat: Tensor, hw: tuple, rois: Tensor, out: int) -> Tensor:
+    """TensorFlow ``crop_and_resize`` (bilinear, extrapolation 0) of n RoIs on one level.
+
+    ``flat`` is the level's map as rows ``[B*H*W, C]``; ``rois`` float32 [n, 5] in
+    normalized coordinates. Returns float32 [n, C, out, out].
+    """
+    H, W = hw
+    C = flat.shape[1]
+    n = rois.shape[0]
+    vy, top, bottom, ly = _crop_and_resize_axis(rois[:, 2], rois[:, 4], H, out)
+    vx, left, right, lx = _crop_and_resize_axis(rois[:, 1], rois[:, 3], W, out)
+    ok = (vy[:, :, None] & vx[:, None, :]).reshape(-1, 1)  # [n*out*out, 1]
+    row0 = (rois[:, 0].to(torch.int64) * (H * W))[:, None, None]
+
+    def corner(ry: Tensor, rx: Tensor) -> Tensor:
+        idx = row0 + ry[:, :, None] * W + rx[:, None, :]
+        return flat.index_select(0, idx.reshape(-1))
+
+    x_lerp = lx[:, None, :].expand(n, out, out).reshape(-1, 1)
+    y_lerp = ly[:, :, None].expand(n, out, out).reshape(-1, 1)
+    tl_v = corner(top, left)
+    bl_v = corner(bottom, left)
+    top_v = tl_v + (corner(top, right) - tl_v) * x_lerp
+    bottom_v = bl_v + (corner(bottom, right) - bl_v) * x_lerp
+    res = top_v + (bottom_v - top_v) * y_lerp
+    res = torch.where(ok, res, torch.zeros((), dtype=res.dtype, device=res.device))
+    return res.view(n, out * out, C).permute(0, 2, 1).reshape(n, C, out, out)
+
+
 def multilevel_roi_align_reference(
     features: Sequence[Tensor],
     rois: Tensor,
@@ -382,32 +478,44 @@ def multilevel_roi_align_reference(
     sampling_ratio: int,
     aligned: bool,
     level_rule: LevelRule,
+    mode: str = "roi_align",
 ) -> Tensor:
     """Multi-level RoIAlign in plain PyTorch (the CPU path, and the tests' oracle).
 
     Args:
         features: L float32 maps ``[B, C, H_l, W_l]`` (NCHW or channels_last), map i
             for level ``level_rule.min_level + i``; L == ``level_rule.num_levels``.
-        rois: float32 ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)``, input-image pixels.
+        rois: float32 ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)``, input-image pixels
+            (``mode="roi_align"``) or normalized padded-image coordinates
+            (``mode="crop_and_resize"``, where flipped and out-of-[0, 1] boxes are allowed).
         output_size: bins per side (7 box head, 14 mask head).
         spatial_scales: L floats, map pixels per input pixel (1/4 .. 1/32 in FPN).
         sampling_ratio: samples per bin per axis, or 0 for ``ceil(roi_size / output_size)``.
         aligned: torchvision's ``aligned`` (half-pixel offset, no 1-pixel minimum size).
         level_rule: how RoIs are assigned to levels (:class:`LevelRule`).
+        mode: ``"roi_align"`` (torchvision's RoIAlign, the default) or
+            ``"crop_and_resize"`` (matterport's ``PyramidROIAlign``, i.e. TensorFlow's
+            bilinear ``crop_and_resize`` with extrapolation value 0; see the module
+            docstring). In the latter, ``spatial_scales``, ``sampling_ratio`` and
+            ``aligned`` are validated but ignored.
 
     Returns:
-        float32 ``[R, C, output_size, output_size]`` contiguous, equal (to float
-        rounding, in practice bit for bit) to ``torchvision.ops.roi_align`` of each RoI
-        on its level's map.
+        float32 ``[R, C, output_size, output_size]`` contiguous. In ``"roi_align"``
+        mode equal (to float rounding, in practice bit for bit) to
+        ``torchvision.ops.roi_align`` of each RoI on its level's map; in
+        ``"crop_and_resize"`` mode to TensorFlow's CPU ``crop_and_resize`` of each RoI
+        on its level's map (same float32 operation order).
 
     Raises:
-        TypeError / ValueError for malformed arguments, and ValueError for a batch
-        index outside ``[0, B)``.
+        TypeError / ValueError for malformed arguments (ValueError for an unknown
+        ``mode``), and ValueError for a batch index outside ``[0, B)``.
 
     Vectorised over RoIs (grouped by level, chunked to bound memory): the maps are
-    read as channels-last rows ``[B*H*W, C]`` and each bin accumulates its samples
-    one grid position at a time, as torchvision does.
+    read as channels-last rows ``[B*H*W, C]``; in ``"roi_align"`` mode each bin
+    accumulates its samples one grid position at a time, as torchvision does, and in
+    ``"crop_and_resize"`` mode each output cell gathers its four corners at once.
     """
+    _check_mode(mode)
     features, scales = _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, aligned, level_rule)
     result = _empty_output(features, rois, output_size)
     R = rois.shape[0]
@@ -427,6 +535,12 @@ def multilevel_roi_align_reference(
         H, W = int(feat.shape[2]), int(feat.shape[3])
         flat = feat.permute(0, 2, 3, 1).reshape(B * H * W, C)
         sub = rois.index_select(0, sel)
+        if mode == "crop_and_resize":
+            for start in range(0, sel.numel(), rows_per_chunk):
+                stop = start + rows_per_chunk
+                pooled = _crop_and_resize_one_level(flat, (H, W), sub[start:stop], output_size)
+                result.index_copy_(0, sel[start:stop], pooled)
+            continue
         geometry = _roi_geometry(sub, scale, output_size, sampling_ratio, aligned)
         if sampling_ratio == 0:
             # decreasing number of samples, so that each sample step works on a prefix
@@ -466,6 +580,44 @@ if _HAS_TRITON:
         return ok, lo, hi, l, 1.0 - l
 
     @triton.jit
+    def _crop_axis(lo, hi, pos, size, OUT: tl.constexpr):
+        """TensorFlow ``crop_and_resize`` positions along one axis (see the module docstring).
+
+        ``lo`` / ``hi``: normalized box edges; ``pos``: float32 output row/column index
+        per bin. Returns (in_range, floor, ceil, lerp); out-of-range or NaN positions
+        are replaced by 0 so that their (masked) taps stay inside the map.
+        """
+        m1 = (size - 1).to(tl.float32)
+        if OUT > 1:
+            step = tl.div_rn((hi - lo) * m1, OUT - 1.0)
+            coord = lo * m1 + pos * step
+        else:
+            coord = tl.zeros_like(pos) + (0.5 * (lo + hi)) * m1  # only the sign of a zero can change
+        ok = (coord >= 0.0) & (coord <= m1)
+        coord = tl.where(ok, coord, 0.0)
+        low = tl.floor(coord)
+        return ok, low.to(tl.int32), tl.ceil(coord).to(tl.int32), coord - low
+
+    @triton.jit
+    def _crop_and_resize_tile(img, x1, y1, x2, y2, H, W, C, ph, pw, col, bin_ok, chan_ok, OUT: tl.constexpr):
+        """A [BLOCK_BINS, BLOCK_C] tile of TensorFlow's bilinear ``crop_and_resize`` (extrapolation 0)."""
+        y_ok, top, bottom, y_lerp = _crop_axis(y1, y2, ph, H, OUT)
+        x_ok, left, right, x_lerp = _crop_axis(x1, x2, pw, W, OUT)
+        ok = y_ok & x_ok & bin_ok
+        m = ok[:, None] & chan_ok[None, :]
+        r_top = top * W
+        r_bottom = bottom * W
+        tl_v = tl.load(img + (r_top + left).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+        tr_v = tl.load(img + (r_top + right).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+        bl_v = tl.load(img + (r_bottom + left).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+        br_v = tl.load(img + (r_bottom + right).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+        xl = x_lerp[:, None]
+        top_v = tl_v + (tr_v - tl_v) * xl
+        bottom_v = bl_v + (br_v - bl_v) * xl
+        res = top_v + (bottom_v - top_v) * y_lerp[:, None]
+        return tl.where(ok[:, None], res, 0.0)
+
+    @triton.jit
     def _multilevel_roi_align_kernel(
         feat_ptr,  # float32, levels packed back to back, each [B, H_l, W_l, C] contiguous
         level_meta_ptr,  # int64 [L, 3]: element offset of the level, H_l, W_l
@@ -478,6 +630,7 @@ if _HAS_TRITON:
         OUT: tl.constexpr,
         SAMPLING_RATIO: tl.constexpr,  # > 0 fixed grid, 0 adaptive
         ALIGNED: tl.constexpr,
+        CROP_AND_RESIZE: tl.constexpr,  # TensorFlow crop_and_resize on normalized boxes (scales unused)
         BLOCK_BINS: tl.constexpr,  # next power of two >= OUT * OUT
         BLOCK_C: tl.constexpr,
     ):
@@ -501,71 +654,75 @@ if _HAS_TRITON:
         lvl_off = tl.load(level_meta_ptr + level * 3)
         H = tl.load(level_meta_ptr + level * 3 + 1).to(tl.int32)
         W = tl.load(level_meta_ptr + level * 3 + 2).to(tl.int32)
-        scale = tl.load(level_f32_ptr + level)
-
-        if ALIGNED:
-            offset = 0.5
-        else:
-            offset = 0.0
-        start_w = x1 * scale - offset
-        start_h = y1 * scale - offset
-        roi_w = (x2 * scale - offset) - start_w
-        roi_h = (y2 * scale - offset) - start_h
-        if not ALIGNED:
-            roi_w = tl.maximum(roi_w, 1.0)
-            roi_h = tl.maximum(roi_h, 1.0)
-        out_f = OUT * 1.0
-        bin_w = tl.div_rn(roi_w, out_f)
-        bin_h = tl.div_rn(roi_h, out_f)
-        if SAMPLING_RATIO > 0:
-            grid_h = SAMPLING_RATIO
-            grid_w = SAMPLING_RATIO
-            gh_f = SAMPLING_RATIO * 1.0
-            gw_f = SAMPLING_RATIO * 1.0
-            count = SAMPLING_RATIO * SAMPLING_RATIO * 1.0
-        else:
-            grid_h = tl.ceil(bin_h).to(tl.int32)
-            grid_w = tl.ceil(bin_w).to(tl.int32)
-            gh_f = grid_h.to(tl.float32)
-            gw_f = grid_w.to(tl.float32)
-            count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-
         bins = tl.arange(0, BLOCK_BINS)
         bin_ok = bins < OUT * OUT
         ph = (bins // OUT).to(tl.float32)
         pw = (bins % OUT).to(tl.float32)
         chans = c0 + tl.arange(0, BLOCK_C)
         chan_ok = (chans < C) & (batch >= 0) & (batch < B)  # a bad batch index reads nothing
-        base_y = start_h + ph * bin_h
-        base_x = start_w + pw * bin_w
-        H_f = H.to(tl.float32)
-        W_f = W.to(tl.float32)
         img = feat_ptr + lvl_off + batch.to(tl.int64) * H * W * C
         col = chans[None, :].to(tl.int64)
 
-        acc = tl.zeros((BLOCK_BINS, BLOCK_C), dtype=tl.float32)
-        for iy in range(0, grid_h):
-            y = base_y + tl.div_rn((iy + 0.5) * bin_h, gh_f)
-            y_ok, y_lo, y_hi, ly, hy = _axis_taps(y, H, H_f)
-            for ix in range(0, grid_w):
-                x = base_x + tl.div_rn((ix + 0.5) * bin_w, gw_f)
-                x_ok, x_lo, x_hi, lx, hx = _axis_taps(x, W, W_f)
+        if CROP_AND_RESIZE:
+            res = _crop_and_resize_tile(img, x1, y1, x2, y2, H, W, C, ph, pw, col, bin_ok, chan_ok, OUT)
+        else:
+            scale = tl.load(level_f32_ptr + level)
+            if ALIGNED:
+                offset = 0.5
+            else:
+                offset = 0.0
+            start_w = x1 * scale - offset
+            start_h = y1 * scale - offset
+            roi_w = (x2 * scale - offset) - start_w
+            roi_h = (y2 * scale - offset) - start_h
+            if not ALIGNED:
+                roi_w = tl.maximum(roi_w, 1.0)
+                roi_h = tl.maximum(roi_h, 1.0)
+            out_f = OUT * 1.0
+            bin_w = tl.div_rn(roi_w, out_f)
+            bin_h = tl.div_rn(roi_h, out_f)
+            if SAMPLING_RATIO > 0:
+                grid_h = SAMPLING_RATIO
+                grid_w = SAMPLING_RATIO
+                gh_f = SAMPLING_RATIO * 1.0
+                gw_f = SAMPLING_RATIO * 1.0
+                count = SAMPLING_RATIO * SAMPLING_RATIO * 1.0
+            else:
+                grid_h = tl.ceil(bin_h).to(tl.int32)
+                grid_w = tl.ceil(bin_w).to(tl.int32)
+                gh_f = grid_h.to(tl.float32)
+                gw_f = grid_w.to(tl.float32)
+                count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
 
-                ok = y_ok & x_ok & bin_ok
-                w1 = tl.where(ok, hy * hx, 0.0)[:, None]
-                w2 = tl.where(ok, hy * lx, 0.0)[:, None]
-                w3 = tl.where(ok, ly * hx, 0.0)[:, None]
-                w4 = tl.where(ok, ly * lx, 0.0)[:, None]
-                m = ok[:, None] & chan_ok[None, :]
-                r_lo = y_lo * W
-                r_hi = y_hi * W
-                v1 = tl.load(img + (r_lo + x_lo).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
-                v2 = tl.load(img + (r_lo + x_hi).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
-                v3 = tl.load(img + (r_hi + x_lo).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
-                v4 = tl.load(img + (r_hi + x_hi).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
-                acc += ((w1 * v1 + w2 * v2) + w3 * v3) + w4 * v4
+            base_y = start_h + ph * bin_h
+            base_x = start_w + pw * bin_w
+            H_f = H.to(tl.float32)
+            W_f = W.to(tl.float32)
 
-        res = tl.div_rn(acc, tl.zeros((BLOCK_BINS, BLOCK_C), dtype=tl.float32) + count)
+            acc = tl.zeros((BLOCK_BINS, BLOCK_C), dtype=tl.float32)
+            for iy in range(0, grid_h):
+                y = base_y + tl.div_rn((iy + 0.5) * bin_h, gh_f)
+                y_ok, y_lo, y_hi, ly, hy = _axis_taps(y, H, H_f)
+                for ix in range(0, grid_w):
+                    x = base_x + tl.div_rn((ix + 0.5) * bin_w, gw_f)
+                    x_ok, x_lo, x_hi, lx, hx = _axis_taps(x, W, W_f)
+
+                    ok = y_ok & x_ok & bin_ok
+                    w1 = tl.where(ok, hy * hx, 0.0)[:, None]
+                    w2 = tl.where(ok, hy * lx, 0.0)[:, None]
+                    w3 = tl.where(ok, ly * hx, 0.0)[:, None]
+                    w4 = tl.where(ok, ly * lx, 0.0)[:, None]
+                    m = ok[:, None] & chan_ok[None, :]
+                    r_lo = y_lo * W
+                    r_hi = y_hi * W
+                    v1 = tl.load(img + (r_lo + x_lo).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+                    v2 = tl.load(img + (r_lo + x_hi).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+                    v3 = tl.load(img + (r_hi + x_lo).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+                    v4 = tl.load(img + (r_hi + x_hi).to(tl.int64)[:, None] * C + col, mask=m, other=0.0)
+                    acc += ((w1 * v1 + w2 * v2) + w3 * v3) + w4 * v4
+
+            res = tl.div_rn(acc, tl.zeros((BLOCK_BINS, BLOCK_C), dtype=tl.float32) + count)
+
         dst = out_ptr + r * C * (OUT * OUT) + col * (OUT * OUT) + bins[:, None]
         tl.store(dst, res, mask=bin_ok[:, None] & (chans < C)[None, :])
 
@@ -591,6 +748,7 @@ def multilevel_roi_align_triton(
     sampling_ratio: int,
     aligned: bool,
     level_rule: LevelRule,
+    mode: str = "roi_align",
 ) -> Tensor:
     """Multi-level RoIAlign in one Triton launch; same contract as :func:`multilevel_roi_align_reference`.
 
@@ -600,7 +758,11 @@ def multilevel_roi_align_triton(
     each computing its RoI's level and pooling a ``[bins, BLOCK_C]`` tile. Runs on
     CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. A batch index
     outside ``[0, B)`` yields zeros (checking it on the host would synchronise).
+    ``mode="crop_and_resize"`` selects the kernel's ``CROP_AND_RESIZE`` variant
+    (TensorFlow's ``crop_and_resize`` on normalized boxes; scales, sampling ratio and
+    ``aligned`` ignored).
     """
+    _check_mode(mode)
     features, scales = _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, aligned, level_rule)
     if not _HAS_TRITON:
         raise RuntimeError("multilevel_roi_align_triton needs the `triton` package; use multilevel_roi_align_reference")
@@ -630,6 +792,7 @@ def multilevel_roi_align_triton(
 
     block_bins, block_c, num_warps = _tile(output_size, C)
     grid = (R, triton.cdiv(C, block_c))
+    crop = mode == "crop_and_resize"
     _multilevel_roi_align_kernel[grid](
         packed,
         level_meta,
@@ -640,8 +803,9 @@ def multilevel_roi_align_triton(
         B,
         NUM_LEVELS=level_rule.num_levels,
         OUT=output_size,
-        SAMPLING_RATIO=sampling_ratio,
-        ALIGNED=aligned,
+        SAMPLING_RATIO=0 if crop else sampling_ratio,  # unused when crop: one specialisation
+        ALIGNED=False if crop else aligned,
+        CROP_AND_RESIZE=crop,
         BLOCK_BINS=block_bins,
         BLOCK_C=block_c,
         num_warps=num_warps,
@@ -659,12 +823,15 @@ def multilevel_roi_align(
     sampling_ratio: int,
     aligned: bool,
     level_rule: LevelRule,
+    mode: str = "roi_align",
 ) -> Tensor:
     """Multi-level RoIAlign: the Triton kernel for CUDA tensors, the reference otherwise.
 
-    See :func:`multilevel_roi_align_reference` for the contract and
-    :mod:`kernels._dispatch` for the choice (``ENGINE_FORCE_REFERENCE=1`` forces the reference).
+    See :func:`multilevel_roi_align_reference` for the contract (including ``mode``:
+    ``"roi_align"`` or ``"crop_and_resize"``) and :mod:`kernels._dispatch` for the
+    choice (``ENGINE_FORCE_REFERENCE=1`` forces the reference).
     """
+    _check_mode(mode)
     _check_rois(rois)
     fn = multilevel_roi_align_triton if (_HAS_TRITON and use_triton(rois)) else multilevel_roi_align_reference
     return fn(
@@ -675,4 +842,5 @@ def multilevel_roi_align(
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         level_rule=level_rule,
+        mode=mode,
     )

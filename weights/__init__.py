@@ -1,9 +1,12 @@
 """Checkpoint loading: read a file or state dict, map it to the engine's layout, build the network.
 
-Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, any ResNet /
-ResNeXt depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``) and mmdetection (2.x / 3.x ``.pth``).
+Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, basic-block
+ResNet-18/34, bottleneck ResNet / ResNeXt of any depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``) and mmdetection (2.x / 3.x ``.pth``).
 The family is detected from the checkpoint's keys, or forced with ``family=``; each maps onto the
-same canonical names and comes with its configuration preset. matterport is not read yet.
+same canonical names and comes with its configuration preset. matterport's Keras ``.h5`` files are
+read and mapped onto the network by :mod:`weights.matterport`, but not offered here yet: the
+matterport inference rules (square padding, global proposal selection, argmax detection, integer
+boxes) are not wired into the pipeline, so ``load_checkpoint`` does not accept them.
 """
 
 from __future__ import annotations

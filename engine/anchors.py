@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 
-def base_anchors(size: float, aspect_ratios: tuple[float, ...], *, round_anchors: bool) -> Tensor:
-    """float32 [A, 4] anchors centred on 0, x1 y1 x2 y2, ratio-major order.
+def base_anchors(
+    size: float, aspect_ratios: tuple[float, ...], *, round_anchors: bool, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """float32 [A, 4] anchors centred on 0, x1 y1 x2 y2, ratio-major order (``dtype``: unrounded ones only).
 
     Rounded anchors are computed in float32 as torchvision does; unrounded ones in double
     precision, then cast, as Detectron2's ``generate_cell_anchors`` does
@@ -29,7 +31,7 @@ def base_anchors(size: float, aspect_ratios: tuple[float, ...], *, round_anchors
             w = math.sqrt(size * size / ratio)
             h = ratio * w
             rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
-        return torch.tensor(rows, dtype=torch.float32)
+        return torch.tensor(rows, dtype=dtype)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
     scales = torch.as_tensor([size], dtype=torch.float32)
     h_ratios = torch.sqrt(ratios)
@@ -59,6 +61,7 @@ def grid_anchors(
     round_anchors: bool,
     stride_mode: str,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Tensor]:
     """Anchors of every level for a padded batch.
 
@@ -73,7 +76,7 @@ def grid_anchors(
     strides = level_strides(padded_size, feature_sizes, mode=stride_mode)
     out = []
     for (fh, fw), (sh, sw), size in zip(feature_sizes, strides, sizes):
-        base = base_anchors(size, aspect_ratios, round_anchors=round_anchors).to(device)
+        base = base_anchors(size, aspect_ratios, round_anchors=round_anchors, dtype=dtype).to(device)
         shift_x = torch.arange(fw, dtype=torch.int32, device=device) * sw
         shift_y = torch.arange(fh, dtype=torch.int32, device=device) * sh
         yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
@@ -81,3 +84,16 @@ def grid_anchors(
         shifts = torch.stack((xx, yy, xx, yy), dim=1)
         out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
     return out
+
+
+def normalize_boxes(boxes: Tensor, padded_size: tuple[int, int]) -> Tensor:
+    """Pixel boxes x1 y1 x2 y2 -> matterport's normalized frame (``utils.norm_boxes``).
+
+    ``(x1 / (W - 1), y1 / (H - 1), (x2 - 1) / (W - 1), (y2 - 1) / (H - 1))`` of the padded (H, W)
+    image, computed in float64 (as numpy does there) and returned as float32.
+    """
+    height, width = padded_size
+    b = boxes.to(torch.float64)
+    scale = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=torch.float64, device=b.device)
+    shift = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=b.device)
+    return ((b - shift) / scale).to(torch.float32)

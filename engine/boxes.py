@@ -29,14 +29,18 @@ def decode_deltas(
         clamp: "upper" (dw <= clip; torchvision, Detectron2), "symmetric" (|dw| <= clip; mmdet),
             "none" (matterport).
         style: the float32 operation order of "torchvision" (``BoxCoder.decode_single``: centre
-            ``x1 + 0.5 * w``, deltas divided by the weights) or "mmdet" (``delta2bbox``: centre
-            ``(x1 + x2) * 0.5``, deltas times ``stds``, corners ``centre -/+ size * 0.5``).
+            ``x1 + 0.5 * w``, deltas divided by the weights), "mmdet" (``delta2bbox``: centre
+            ``(x1 + x2) * 0.5``, deltas times ``stds``, corners ``centre -/+ size * 0.5``) or
+            "matterport" (``apply_box_deltas_graph``: deltas times the std devs, centre
+            ``x1 + 0.5 * w``, ``x1 = centre - 0.5 * w'``, ``x2 = x1 + w'``).
 
     Returns:
         float32 [N, 4 * K] decoded boxes, in the reference boxes' frame.
     """
-    if style not in ("torchvision", "mmdet"):
-        raise ValueError(f"unknown box coder style {style!r}; accepted: 'torchvision', 'mmdet'")
+    if style not in ("torchvision", "mmdet", "matterport"):
+        raise ValueError(f"unknown box coder style {style!r}; accepted: 'torchvision', 'mmdet', 'matterport'")
+    if style == "matterport":
+        return _decode_matterport(deltas, reference, weights=weights, clip=clip, clamp=clamp)
     reference = reference.to(deltas.dtype)
     widths = reference[:, 2] - reference[:, 0]
     heights = reference[:, 3] - reference[:, 1]
@@ -78,11 +82,39 @@ def decode_deltas(
     return out.flatten(1)
 
 
+def _decode_matterport(deltas: Tensor, reference: Tensor, *, weights, clip: float, clamp: str) -> Tensor:
+    """matterport's ``apply_box_deltas_graph`` on x1 y1 x2 y2 boxes (its frame is y1 x1 y2 x2; the
+    operations per axis are the same), deltas (dx, dy, dw, dh) times ``1 / weights`` (its std devs)."""
+    if clamp != "none":
+        raise ValueError("the matterport box coder has no delta clamp (box_delta_clamp='none')")
+    reference = reference.to(deltas.dtype)
+    widths = (reference[:, 2] - reference[:, 0])[:, None]
+    heights = (reference[:, 3] - reference[:, 1])[:, None]
+    ctr_x = reference[:, 0, None] + 0.5 * widths
+    ctr_y = reference[:, 1, None] + 0.5 * heights
+    sx, sy, sw, sh = (1.0 / w for w in weights)
+    ctr_x = ctr_x + (deltas[:, 0::4] * sx) * widths
+    ctr_y = ctr_y + (deltas[:, 1::4] * sy) * heights
+    widths = widths * torch.exp(deltas[:, 2::4] * sw)
+    heights = heights * torch.exp(deltas[:, 3::4] * sh)
+    x1 = ctr_x - 0.5 * widths
+    y1 = ctr_y - 0.5 * heights
+    return torch.stack((x1, y1, x1 + widths, y1 + heights), dim=2).flatten(1)
+
+
 def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clamp x to [0, w] and y to [0, h]; ``size`` is (h, w). Shape [..., 4] is kept."""
     height, width = size
     x = boxes[..., 0::2].clamp(min=0, max=width)
     y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
+
+
+def clip_to_window(boxes: Tensor, window: tuple[float, float, float, float]) -> Tensor:
+    """Clamp x to [x1, x2] and y to [y1, y2] of ``window`` (x1, y1, x2, y2); matterport's ``clip_boxes_graph``."""
+    x1, y1, x2, y2 = (float(v) for v in window)
+    x = boxes[..., 0::2].clamp(min=x1, max=x2)
+    y = boxes[..., 1::2].clamp(min=y1, max=y2)
     return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
 
 

@@ -27,6 +27,12 @@ _RESIZE_METHODS = (
 )
 _ANCHOR_STRIDES = ("padded_div_feature", "fixed")
 STEM_POOLS = ("torch", "tf_same")
+RESIZE_MODES = ("shortest_edge", "square")
+BOX_FRAMES = ("pixels", "normalized")
+RPN_SELECTIONS = ("per_level", "global")
+ROI_MODES = ("roi_align", "crop_and_resize")
+DETECTION_RULES = ("per_class", "argmax")
+BOX_OUTPUTS = ("float", "integer")
 _DELTA_CLAMPS = ("upper", "symmetric", "none")
 _BACKGROUND = ("first", "last")
 _PASTE_METHODS = ("torchvision", "grid_sample")
@@ -44,6 +50,8 @@ class MaskRCNNConfig:
         pixel_mean, pixel_std: per channel, in the network's channel order and in units after ``input_scale``.
         normalize_before_resize: torchvision normalises, then resizes the float image; False resizes first
             (required by the uint8 resize methods, which resize the uint8 image).
+        normalize_precision: "float32", or "float64" (matterport's ``mold_image`` subtracts its float64
+            mean in numpy; the result is rounded to float32 once, after the subtraction).
         min_size, max_size: the short side is scaled to ``min_size`` unless the long side would exceed ``max_size``.
         resize_rounding: "floor" (torchvision) or "round_half_up" (Detectron2, mmdet) for the output size.
         resize_method: "torch_bilinear" (torchvision: F.interpolate bilinear, align_corners=False, no
@@ -51,12 +59,22 @@ class MaskRCNNConfig:
             "antialias_uint8" (Detectron2: PIL BILINEAR), "cv2_linear" (mmdet: cv2 INTER_LINEAR) or
             "skimage_uint8" (matterport: skimage order-1 resize, truncated); see engine/preprocess.py.
         size_divisibility: the batch is zero-padded bottom/right to a multiple of this.
+        resize_mode: "shortest_edge" (the rule above, bottom/right padding) or "square" (matterport's
+            ``resize_image(mode="square")``: ``scale = max(1, min_size / short)``, reduced to
+            ``max_size / long`` when ``round(long * scale) > max_size``, sides ``round(side * scale)``
+            (Python round), then centred padding to ``max_size`` x ``max_size`` with raw 0 pixels;
+            ``resize_rounding`` and ``size_divisibility`` are then unused).
 
     Backbone
         bn_eps: eps of the frozen batch norms (torchvision COCO v1: 0.0; nn.BatchNorm2d: 1e-5).
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
         stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
             (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).
+
+    Box frame
+        box_frame: "pixels" (resized-image pixels, x2 - x1 widths) or "normalized" (matterport: anchors,
+            proposals and detections as ``(x1 / (S - 1), y1 / (S - 1), (x2 - 1) / (S - 1), (y2 - 1) / (S - 1))``
+            of the S x S padded image; needs ``resize_mode="square"``).
 
     Anchors
         anchor_sizes: one size per FPN level P2..P6, in input pixels.
@@ -73,18 +91,28 @@ class MaskRCNNConfig:
             ``nonempty``, with rpn_min_size 0).
         rpn_score_threshold: proposals with sigmoid score < this are dropped.
         rpn_box_weights: (wx, wy, ww, wh) of the RPN box coder.
+        rpn_selection: "per_level" (torchvision, Detectron2, mmdet: top-k per level, NMS per level) or
+            "global" (matterport's ``ProposalLayer``: top-k of the foreground probabilities over all
+            levels, clipped to the padded image, one NMS).
+        rpn_pad_proposals: pad each image's proposals with zero boxes up to ``rpn_post_nms_top_n``
+            (matterport: the padding rows go through the heads like the others).
 
     Box coder (shared by RPN and box head)
         box_delta_clip: dw, dh limit, log(1000/16).
         box_delta_clamp: "upper" (torchvision, Detectron2), "symmetric" (mmdet) or "none" (matterport).
-        box_coder_style: float32 operation order of the decoding, "torchvision" (also Detectron2's) or
-            "mmdet" (``delta2bbox``); see :func:`engine.boxes.decode_deltas`.
+        box_coder_style: float32 operation order of the decoding, "torchvision" (also Detectron2's),
+            "mmdet" (``delta2bbox``) or "matterport" (``apply_box_deltas_graph``); see
+            :func:`engine.boxes.decode_deltas`.
 
     RoI pooling
         box_pool_size, mask_pool_size: RoIAlign output sizes.
         roi_sampling_ratio: samples per bin per axis; 0 is adaptive.
         roi_aligned: half-pixel offset (RoIAlignV2).
-        level_rule: FPN level assignment, see :class:`kernels.roi_align.LevelRule`.
+        level_rule: FPN level assignment, see :class:`kernels.roi_align.LevelRule`. With
+            ``roi_mode="crop_and_resize"`` its ``canonical_size`` (224) is divided by the padded
+            image's ``sqrt(H * W)``, as matterport's ``PyramidROIAlign`` does on normalized boxes.
+        roi_mode: "roi_align" or "crop_and_resize" (matterport: TensorFlow's ``crop_and_resize``,
+            one corner-aligned sample per bin; needs ``box_frame="normalized"``).
 
     Box head and detections
         box_coder_weights: (wx, wy, ww, wh) of the box-head coder.
@@ -93,12 +121,19 @@ class MaskRCNNConfig:
         detection_min_size: candidates need both sides >= this (resized-image pixels).
         nms_threshold: IoU threshold of the per-class NMS.
         detections_per_image: at most this many detections per image.
+        detection_rule: "per_class" (every foreground class of a proposal is a candidate, score >
+            threshold) or "argmax" (matterport's ``refine_detections_graph``: only the proposal's
+            most probable class, background included, score >= threshold, boxes clipped to the
+            image's window in the padded frame).
 
     Back to the input image
         rescale_style: "multiply" by original / resized (torchvision, Detectron2) or "divide" by
             resized / original (mmdetection's scale_factor).
         clip_boxes_to_original: clip the scaled boxes to the input image and drop empty ones before
             pasting masks (Detectron2's ``detector_postprocess``); torchvision does neither.
+        box_output: "float" boxes, or "integer" (matterport's ``unmold_detections``: window-relative
+            normalized boxes scaled by the input's ``(W - 1, H - 1)``, +1 on x2 and y2, rounded half to
+            even, empty boxes dropped; masks are pasted into those integer boxes).
 
     Masks
         mask_threshold: pasted probabilities > this are foreground.
@@ -113,11 +148,13 @@ class MaskRCNNConfig:
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     normalize_before_resize: bool = True
+    normalize_precision: str = "float32"
     min_size: int = 800
     max_size: int = 1333
     resize_rounding: str = "floor"
     resize_method: str = "torch_bilinear"
     size_divisibility: int = 32
+    resize_mode: str = "shortest_edge"
     # backbone
     bn_eps: float = 0.0
     stride_in_1x1: bool = False
@@ -127,6 +164,7 @@ class MaskRCNNConfig:
     anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_round: bool = True
     anchor_stride: str = "padded_div_feature"
+    box_frame: str = "pixels"
     # rpn
     rpn_pre_nms_top_n: int = 1000
     rpn_post_nms_top_n: int = 1000
@@ -135,6 +173,8 @@ class MaskRCNNConfig:
     rpn_min_size_inclusive: bool = True
     rpn_score_threshold: float = 0.0
     rpn_box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    rpn_selection: str = "per_level"
+    rpn_pad_proposals: bool = False
     # box coder
     box_delta_clip: float = math.log(1000.0 / 16)
     box_delta_clamp: str = "upper"
@@ -145,6 +185,7 @@ class MaskRCNNConfig:
     roi_sampling_ratio: int = 2
     roi_aligned: bool = False
     level_rule: LevelRule = field(default_factory=LevelRule)
+    roi_mode: str = "roi_align"
     # box head and detections
     box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     background_index: str = "first"
@@ -152,9 +193,11 @@ class MaskRCNNConfig:
     detection_min_size: float = 1e-2
     nms_threshold: float = 0.5
     detections_per_image: int = 100
+    detection_rule: str = "per_class"
     # back to the input image
     rescale_style: str = "multiply"
     clip_boxes_to_original: bool = False
+    box_output: str = "float"
     # masks
     mask_threshold: float = 0.5
     paste_method: str = "torchvision"
@@ -171,7 +214,29 @@ class MaskRCNNConfig:
         _one_of("stem_pool", self.stem_pool, STEM_POOLS)
         _one_of("anchor_stride", self.anchor_stride, _ANCHOR_STRIDES)
         _one_of("box_delta_clamp", self.box_delta_clamp, _DELTA_CLAMPS)
-        _one_of("box_coder_style", self.box_coder_style, ("torchvision", "mmdet"))
+        _one_of("box_coder_style", self.box_coder_style, ("torchvision", "mmdet", "matterport"))
+        _one_of("resize_mode", self.resize_mode, RESIZE_MODES)
+        _one_of("normalize_precision", self.normalize_precision, ("float32", "float64"))
+        if self.normalize_precision == "float64" and self.normalize_before_resize:
+            raise ValueError("normalize_precision='float64' applies to the uint8 resize methods (normalize_before_resize=False)")
+        _one_of("box_frame", self.box_frame, BOX_FRAMES)
+        _one_of("rpn_selection", self.rpn_selection, RPN_SELECTIONS)
+        _one_of("roi_mode", self.roi_mode, ROI_MODES)
+        _one_of("detection_rule", self.detection_rule, DETECTION_RULES)
+        _one_of("box_output", self.box_output, BOX_OUTPUTS)
+        normalized = (
+            self.resize_mode == "square",
+            self.box_frame == "normalized",
+            self.roi_mode == "crop_and_resize",
+            self.box_output == "integer",
+        )
+        if any(normalized) and not all(normalized):
+            raise ValueError(
+                "matterport's normalized box frame comes as a whole: resize_mode='square', box_frame='normalized', "
+                "roi_mode='crop_and_resize' and box_output='integer' together (got "
+                f"resize_mode={self.resize_mode!r}, box_frame={self.box_frame!r}, roi_mode={self.roi_mode!r}, "
+                f"box_output={self.box_output!r})"
+            )
         _one_of("rescale_style", self.rescale_style, ("multiply", "divide"))
         _one_of("background_index", self.background_index, _BACKGROUND)
         _one_of("paste_method", self.paste_method, _PASTE_METHODS)
@@ -266,6 +331,48 @@ MMDET_MASK_RCNN_R50_FPN = MaskRCNNConfig(
     paste_method="grid_sample",
 )
 
+#: matterport Mask_RCNN (``mask_rcnn_coco.h5``, ``MaskRCNN.detect`` with the base ``Config``):
+#: section D of the reference notes. The checkpoint's depth (R101 in the COCO file) is read from it.
+MATTERPORT_MASK_RCNN_FPN = MaskRCNNConfig(
+    name="matterport_mask_rcnn_fpn",
+    channel_order="RGB",
+    input_scale=1.0,
+    pixel_mean=(123.7, 116.8, 103.9),
+    pixel_std=(1.0, 1.0, 1.0),
+    normalize_before_resize=False,
+    normalize_precision="float64",
+    min_size=800,
+    max_size=1024,
+    resize_method="skimage_uint8",
+    resize_mode="square",
+    bn_eps=1e-3,
+    stride_in_1x1=True,
+    stem_pool="tf_same",
+    anchor_aspect_ratios=(2.0, 1.0, 0.5),  # matterport's width/height ratios (0.5, 1, 2), as height/width
+    anchor_round=False,
+    anchor_stride="fixed",
+    box_frame="normalized",
+    rpn_pre_nms_top_n=6000,
+    rpn_post_nms_top_n=1000,
+    rpn_nms_threshold=0.7,
+    rpn_min_size=0.0,
+    rpn_box_weights=(10.0, 10.0, 5.0, 5.0),  # RPN_BBOX_STD_DEV (0.1, 0.1, 0.2, 0.2)
+    rpn_selection="global",
+    rpn_pad_proposals=True,
+    box_delta_clamp="none",
+    box_coder_style="matterport",
+    roi_mode="crop_and_resize",
+    level_rule=LevelRule(canonical_size=224.0, canonical_level=4, rounding="round"),
+    box_coder_weights=(10.0, 10.0, 5.0, 5.0),  # BBOX_STD_DEV
+    background_index="first",
+    score_threshold=0.7,
+    nms_threshold=0.3,
+    detections_per_image=100,
+    detection_rule="argmax",
+    box_output="integer",
+    paste_method="grid_sample",
+)
+
 PRESETS: dict[str, MaskRCNNConfig] = {
     preset.name: preset
     for preset in (
@@ -273,6 +380,7 @@ PRESETS: dict[str, MaskRCNNConfig] = {
         TORCHVISION_MASKRCNN_R50_FPN_V2,
         DETECTRON2_MASK_RCNN_R50_FPN,
         MMDET_MASK_RCNN_R50_FPN,
+        MATTERPORT_MASK_RCNN_FPN,
     )
 }
 

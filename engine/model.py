@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from engine.anchors import grid_anchors
+from engine.anchors import grid_anchors, normalize_boxes
 from engine.backbone import Backbone
 from engine.config import MaskRCNNConfig
 from engine.preprocess import ImageBatch
@@ -180,24 +180,39 @@ class MaskRCNN(nn.Module):
             logits, deltas = self.rpn.head(features)
         logits, deltas = [t.float() for t in logits], [t.float() for t in deltas]
         objectness, flat_deltas, per_level = flatten_levels(logits, deltas)
+        padded = tuple(batch.tensor.shape[-2:])
+        normalized = cfg.box_frame == "normalized"
         anchors = grid_anchors(
-            tuple(batch.tensor.shape[-2:]),
+            padded,
             [tuple(f.shape[-2:]) for f in features],
             sizes=cfg.anchor_sizes,
             aspect_ratios=cfg.anchor_aspect_ratios,
             round_anchors=cfg.anchor_round,
             stride_mode=cfg.anchor_stride,
             device=objectness.device,
+            dtype=torch.float64 if normalized else torch.float32,  # matterport builds them in numpy float64
         )
+        if normalized:
+            anchors = [normalize_boxes(a, padded) for a in anchors]
         return select_proposals(objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg)
 
     def pool(self, features: list[Tensor], boxes: list[Tensor], batch: ImageBatch, *, output_size: int) -> Tensor:
-        """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out]."""
+        """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out].
+
+        With ``roi_mode="crop_and_resize"`` the boxes are in the normalized frame and the level
+        rule's canonical size is divided by ``sqrt(Hp * Wp)`` (matterport's ``PyramidROIAlign``).
+        """
         cfg = self.config
         maps = [m.float() for m in features[:4]]  # the RoIAlign kernel samples and accumulates in float32
-        scales = infer_spatial_scales(maps, batch.image_sizes)
-        first = int(round(-math.log2(scales[0])))
-        rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
+        if cfg.roi_mode == "crop_and_resize":
+            height, width = batch.tensor.shape[-2:]
+            scales = [2.0 ** -(2 + i) for i in range(len(maps))]  # ignored by crop_and_resize; P2 first
+            canonical = cfg.level_rule.canonical_size / math.sqrt(height * width)
+            rule = replace(cfg.level_rule, canonical_size=canonical, min_level=2, max_level=1 + len(maps))
+        else:
+            scales = infer_spatial_scales(maps, batch.image_sizes)
+            first = int(round(-math.log2(scales[0])))
+            rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
         rois = boxes_to_rois(boxes)
         return multilevel_roi_align(
             maps,
@@ -207,6 +222,7 @@ class MaskRCNN(nn.Module):
             sampling_ratio=cfg.roi_sampling_ratio,
             aligned=cfg.roi_aligned,
             level_rule=rule,
+            mode=cfg.roi_mode,
         )
 
     def detect(self, features: list[Tensor], proposals: list[Tensor], batch: ImageBatch) -> list[ImageDetections]:
@@ -215,7 +231,9 @@ class MaskRCNN(nn.Module):
         with self._network_precision(pooled.device):
             class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
-        return postprocess_detections(class_logits, box_deltas, proposals, batch.image_sizes, config=self.config)
+        return postprocess_detections(
+            class_logits, box_deltas, proposals, batch.image_sizes, config=self.config, windows=image_windows(batch, self.config)
+        )
 
     def mask_probabilities(
         self, features: list[Tensor], detections: list[ImageDetections], batch: ImageBatch
@@ -228,6 +246,20 @@ class MaskRCNN(nn.Module):
         labels = torch.cat([d.labels for d in detections])
         probs = select_mask_probabilities(logits, labels)
         return list(probs.split([len(b) for b in boxes]))
+
+
+def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float, float, float, float]]:
+    """Per image, the region of the padded batch its pixels occupy, (x1, y1, x2, y2) in the box frame.
+
+    Pixels: ``(left, top, left + w, top + h)``; normalized: that box through matterport's ``norm_boxes``.
+    """
+    windows = []
+    for (h, w), (top, left) in zip(batch.image_sizes, batch.offsets):
+        box = torch.tensor([[left, top, left + w, top + h]], dtype=torch.float64)
+        if config.box_frame == "normalized":
+            box = normalize_boxes(box, tuple(batch.tensor.shape[-2:]))
+        windows.append(tuple(float(v) for v in box[0]))
+    return windows
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:

@@ -6,6 +6,13 @@ are pasted into the full image (:mod:`kernels.paste_masks`) and thresholded. Wit
 ``config.clip_boxes_to_original`` (Detectron2's ``detector_postprocess``) the scaled boxes are
 clipped to the input image and empty ones dropped before the paste.
 
+With ``config.box_output="integer"`` (matterport's ``unmold_detections``) the boxes come in the
+normalized frame of the padded image and are mapped through each image's window instead: made
+window-relative (float32), scaled by the input's ``(W - 1, H - 1)``, +1 on x2 and y2, rounded half
+to even (float64, as numpy does there); boxes of area <= 0 are dropped, and masks are pasted into the
+integer boxes with the "grid_sample" paste, which then equals matterport's skimage resize of the
+28x28 mask to the box size followed by ``>= 0.5``.
+
 Mask formats (``to_original_frame(..., mask_format=...)``):
 
 - ``"full"``: torch.bool [N, H, W] per image (N * H * W bytes);
@@ -182,6 +189,39 @@ def _clip_to_original(detections, mask_probs, boxes, original_sizes, config):
     return kept_dets, kept_probs, kept_boxes
 
 
+def window_relative_integer_boxes(
+    boxes: Tensor, window: tuple[float, float, float, float], original_size: tuple[int, int]
+) -> Tensor:
+    """matterport's ``unmold_detections`` box arithmetic: normalized boxes (x1 y1 x2 y2) of the padded
+    image -> integer-valued float32 boxes in the input image, x2 and y2 exclusive.
+
+    ``window``: the image's region in the padded frame, normalized (x1, y1, x2, y2), float32 values.
+    As numpy computes it there: ``b = (b - [wx1, wy1, wx1, wy1]) / [ww, wh, ww, wh]`` in float32
+    (the window is float32), then ``round(b * [W-1, H-1, W-1, H-1] + [0, 0, 1, 1])`` in float64.
+    """
+    height, width = original_size
+    f32 = dict(dtype=torch.float32, device=boxes.device)
+    f64 = dict(dtype=torch.float64, device=boxes.device)
+    wx1, wy1, wx2, wy2 = torch.tensor(window, **f32).unbind()
+    shift = torch.stack([wx1, wy1, wx1, wy1])
+    scale = torch.stack([wx2 - wx1, wy2 - wy1, wx2 - wx1, wy2 - wy1])
+    b = ((boxes.to(torch.float32) - shift) / scale).to(torch.float64)
+    b = torch.round(b * torch.tensor([width - 1, height - 1, width - 1, height - 1], **f64) + torch.tensor([0.0, 0.0, 1.0, 1.0], **f64))
+    return b.to(torch.float32)
+
+
+def _unmold_integer_boxes(detections, mask_probs, windows, original_sizes):
+    """Integer boxes per image (:func:`window_relative_integer_boxes`), dropping those of area <= 0."""
+    kept_dets, kept_probs, kept_boxes = [], [], []
+    for d, probs, window, size in zip(detections, mask_probs, windows, original_sizes):
+        b = window_relative_integer_boxes(d.boxes, window, size)
+        keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 0
+        kept_boxes.append(b[keep])
+        kept_probs.append(probs[keep])
+        kept_dets.append(ImageDetections(boxes=d.boxes[keep], scores=d.scores[keep], labels=d.labels[keep]))
+    return kept_dets, kept_probs, kept_boxes
+
+
 def to_original_frame(
     detections: list[ImageDetections],
     mask_probs: list[Tensor],
@@ -191,6 +231,7 @@ def to_original_frame(
     config: MaskRCNNConfig,
     mask_format: str = "full",
     max_chunk_bytes: int | None = None,
+    windows: list[tuple[float, float, float, float]] | None = None,
 ) -> list[Detections]:
     """Scale boxes, paste and threshold masks; one :class:`Detections` per image.
 
@@ -204,6 +245,8 @@ def to_original_frame(
             (box-local crops; the same masks, far smaller for large images).
         max_chunk_bytes: cap on the mask bytes pasted per launch (None: chosen from free
             memory, see the module docstring).
+        windows: with ``config.box_output="integer"``, each image's normalized window in the
+            padded frame (:func:`engine.model.image_windows`).
 
     Returns:
         One :class:`Detections` per image, boxes float32 [N_i, 4] in input-image pixels. On
@@ -221,10 +264,15 @@ def to_original_frame(
     threshold = config.mask_threshold
     if crop and (threshold is None or threshold < 0):
         raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
-    boxes = [
-        rescale_boxes(d.boxes, s, o, style=config.rescale_style)
-        for d, s, o in zip(detections, image_sizes, original_sizes)
-    ]
+    if config.box_output == "integer":
+        if windows is None:
+            raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
+        detections, mask_probs, boxes = _unmold_integer_boxes(detections, mask_probs, windows, original_sizes)
+    else:
+        boxes = [
+            rescale_boxes(d.boxes, s, o, style=config.rescale_style)
+            for d, s, o in zip(detections, image_sizes, original_sizes)
+        ]
     if config.clip_boxes_to_original:
         detections, mask_probs, boxes = _clip_to_original(detections, mask_probs, boxes, original_sizes, config)
     all_boxes = torch.cat(boxes)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from engine.config import MaskRCNNConfig
 from engine.inputs import as_rgb_uint8_images
+from engine.model import image_windows
 from engine.postprocess import MASK_FORMATS, to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
@@ -56,8 +57,9 @@ class Predictor:
 
     Args:
         weights: path to a checkpoint file (torchvision ``.pth`` state dict, Detectron2 ``.pkl`` or
-            ``.pth``), or the loaded state dict / container itself (not modified).
-        family: "torchvision" or "detectron2"; by default detected from the checkpoint's keys.
+            ``.pth``, mmdetection ``.pth``, matterport Keras ``.h5``), or the loaded state dict /
+            container itself (not modified). The bundled shapes model: :func:`weights.bundled.shapes_predictor`.
+        family: "torchvision", "detectron2", "mmdetection" or "matterport"; by default detected from the checkpoint's keys.
         device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
             on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
         precision: "fp32" (default; exact parity with the checkpoint's framework), or "bf16" /
@@ -150,4 +152,5 @@ class Predictor:
             config=self.config,
             mask_format=self.mask_format,
             max_chunk_bytes=self.max_chunk_bytes,
+            windows=image_windows(batch, self.config),
         )

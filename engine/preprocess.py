@@ -29,13 +29,18 @@ least 1 pixel. Then, by ``MaskRCNNConfig.resize_method``:
     ``.astype(uint8)``)
     ``scipy.ndimage.zoom`` order 1 with ``grid_mode=True``, ``mode="grid-constant"`` (pixels
     outside the image count as 0), reproduced in float64 with scipy's order of operations,
-    clipped to the input's value range and truncated to uint8. Only the kernel is
-    reproduced: matterport's own size rule (never downscale the short side, long side
-    <= 1024, Python ``round``) and its centred square padding are not.
+    clipped to the input's value range and truncated to uint8.
 
 For the three uint8 methods the resized uint8 image is then converted and normalised like the
 first (``normalize_before_resize=False``). Finally the batch is zero-padded bottom/right to a
 common size, a multiple of ``size_divisibility``.
+
+``resize_mode="square"`` (matterport's ``resize_image(mode="square")``, :func:`square_resized_size`)
+changes the size rule and the padding: the short side is scaled up to ``min_size`` (never down),
+unless the long side would then exceed ``max_size``; sides are rounded with Python's ``round``;
+an image already at that size is not resampled; each image is centred in a ``max_size`` x
+``max_size`` canvas of raw 0 pixels (``-mean / std`` once normalised), its offset recorded in
+:attr:`ImageBatch.offsets`.
 """
 
 from __future__ import annotations
@@ -59,11 +64,18 @@ class ImageBatch:
         tensor: float32 [B, 3, Hp, Wp], normalised, zero-padded; the network's channel order.
         image_sizes: per image (h, w) after resizing, before padding (the frame of proposals and boxes).
         original_sizes: per image (H, W) as given by the caller (the frame of the results).
+        offsets: per image (top, left) of the resized image inside the padded one ((0, 0) except
+            with ``resize_mode="square"``, which centres it).
     """
 
     tensor: Tensor
     image_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
+    offsets: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            object.__setattr__(self, "offsets", [(0, 0)] * len(self.image_sizes))
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
@@ -85,6 +97,25 @@ def resized_size(height: int, width: int, *, min_size: int, max_size: int, round
     return max(out_h, 1), max(out_w, 1)
 
 
+def square_resized_size(height: int, width: int, *, min_size: int, max_size: int) -> tuple[int, int]:
+    """(h, w) of matterport's ``resize_image(mode="square")`` (before its padding to max_size x max_size).
+
+    ``scale = max(1, min_size / min(h, w))``; if ``round(max(h, w) * scale) > max_size`` then
+    ``scale = max_size / max(h, w)``; sides ``round(side * scale)`` with Python's round (half to even).
+    """
+    scale = max(1.0, min_size / min(height, width))
+    if round(max(height, width) * scale) > max_size:
+        scale = max_size / max(height, width)
+    return max(round(height * scale), 1), max(round(width * scale), 1)
+
+
+def output_size(height: int, width: int, config: MaskRCNNConfig) -> tuple[int, int]:
+    """Resized (h, w) of an input of (height, width) under ``config``'s size rule."""
+    if config.resize_mode == "square":
+        return square_resized_size(height, width, min_size=config.min_size, max_size=config.max_size)
+    return resized_size(height, width, min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding)
+
+
 #: resize methods that resize the uint8 image, before normalisation.
 UINT8_RESIZE_METHODS = ("antialias_uint8", "cv2_linear", "skimage_uint8")
 #: uint8 methods that run on the host numpy array (before the transfer to the device).
@@ -98,10 +129,10 @@ PILLOW_VERSION = (13, 0)
 def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
     """One image: uint8 [H, W, 3] RGB on the target device -> float32 [3, h, w], normalised and resized."""
     height, width = image.shape[:2]
-    out_h, out_w = resized_size(
-        height, width, min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding
-    )
+    out_h, out_w = output_size(height, width, config)
     if config.resize_method in UINT8_RESIZE_METHODS:
+        if config.resize_mode == "square" and (out_h, out_w) == (height, width):
+            return _normalize(image, config)  # matterport does not resample at scale 1
         return _normalize(resize_uint8(image, out_h, out_w, method=config.resize_method), config)
     x = image.permute(2, 0, 1).float() / config.input_scale
     if config.channel_order == "BGR":
@@ -117,13 +148,15 @@ def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
 
 
 def _normalize(image: Tensor, config: MaskRCNNConfig) -> Tensor:
-    """uint8 [h, w, 3] RGB -> float32 [3, h, w] in the network's channel order, ``(x / scale - mean) / std``."""
-    x = image.permute(2, 0, 1).float() / config.input_scale
+    """uint8 [h, w, 3] RGB -> float32 [3, h, w] in the network's channel order, ``(x / scale - mean) / std``
+    (in float64 and rounded once with ``normalize_precision="float64"``)."""
+    wide = config.normalize_precision == "float64"
+    x = image.permute(2, 0, 1).to(torch.float64 if wide else torch.float32) / config.input_scale
     if config.channel_order == "BGR":
         x = x.flip(0)
     mean = torch.as_tensor(config.pixel_mean, dtype=x.dtype, device=x.device)
     std = torch.as_tensor(config.pixel_std, dtype=x.dtype, device=x.device)
-    return (x - mean[:, None, None]) / std[:, None, None]
+    return ((x - mean[:, None, None]) / std[:, None, None]).to(torch.float32)
 
 
 def _resize(x: Tensor, out_h: int, out_w: int) -> Tensor:
@@ -323,21 +356,28 @@ def preprocess(images: list[np.ndarray], *, config: MaskRCNNConfig, device: torc
         host = torch.from_numpy(np.ascontiguousarray(image))
         if config.resize_method in _HOST_METHODS:
             # resize the host array before the transfer (cv2 runs on the host only)
-            out_h, out_w = resized_size(
-                *image.shape[:2], min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding
-            )
+            out_h, out_w = output_size(*image.shape[:2], config)
             small = resize_uint8(host, out_h, out_w, method=config.resize_method)
             resized.append(_normalize(small.to(device, non_blocking=True), config))
         else:
             resized.append(normalize_and_resize(host.to(device, non_blocking=True), config=config))
-    div = config.size_divisibility
-    pad_h = int(math.ceil(max(r.shape[1] for r in resized) / div) * div)
-    pad_w = int(math.ceil(max(r.shape[2] for r in resized) / div) * div)
-    batch = resized[0].new_zeros((len(resized), 3, pad_h, pad_w))
-    for i, r in enumerate(resized):
-        batch[i, :, : r.shape[1], : r.shape[2]].copy_(r)
+    if config.resize_mode == "square":
+        side = config.max_size
+        # matterport pads the uint8 image with 0 before subtracting the mean
+        blank = _normalize(torch.zeros((1, 1, 3), dtype=torch.uint8, device=resized[0].device), config)
+        batch = blank.expand(len(resized), 3, side, side).contiguous()
+        offsets = [((side - r.shape[1]) // 2, (side - r.shape[2]) // 2) for r in resized]
+    else:
+        div = config.size_divisibility
+        pad_h = int(math.ceil(max(r.shape[1] for r in resized) / div) * div)
+        pad_w = int(math.ceil(max(r.shape[2] for r in resized) / div) * div)
+        batch = resized[0].new_zeros((len(resized), 3, pad_h, pad_w))
+        offsets = [(0, 0)] * len(resized)
+    for i, (r, (top, left)) in enumerate(zip(resized, offsets)):
+        batch[i, :, top : top + r.shape[1], left : left + r.shape[2]].copy_(r)
     return ImageBatch(
         tensor=batch,
         image_sizes=[(int(r.shape[1]), int(r.shape[2])) for r in resized],
         original_sizes=[(int(im.shape[0]), int(im.shape[1])) for im in images],
+        offsets=offsets,
     )

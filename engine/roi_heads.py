@@ -4,6 +4,11 @@ Detection post-processing reproduces torchvision's ``RoIHeads.postprocess_detect
 class-specific decoding with weights (10, 10, 5, 5), softmax, clipping to the resized
 image, dropping the background column, score > threshold, both sides >= min size,
 per-class NMS, and the best ``detections_per_image``.
+
+With ``detection_rule="argmax"`` it reproduces matterport's ``refine_detections_graph``: each
+proposal keeps only its most probable class (background included) and that class's box; boxes
+are clipped to the image's window; background and scores below the threshold are dropped
+(``>=`` keeps); per-class NMS; the best ``detections_per_image``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbone import ConvNorm
-from engine.boxes import clip_boxes, decode_deltas, large_enough
+from engine.boxes import clip_boxes, clip_to_window, decode_deltas, large_enough
 from engine.config import MaskRCNNConfig
 from kernels.nms import batched_nms
 
@@ -116,18 +121,25 @@ def postprocess_detections(
     image_sizes: list[tuple[int, int]],
     *,
     config: MaskRCNNConfig,
+    windows: list[tuple[float, float, float, float]] | None = None,
 ) -> list[ImageDetections]:
     """Turn box-head outputs into final detections per image.
 
     Args:
         class_logits: float32 [R, K], R = sum of proposals over images, in image order.
         box_deltas: float32 [R, 4 * K_box].
-        proposals: per image float32 [P_i, 4], resized-image pixels.
+        proposals: per image float32 [P_i, 4], resized-image pixels (or the normalized frame).
         image_sizes: resized (h, w) per image.
+        windows: per image (x1, y1, x2, y2) region the boxes are clipped to with
+            ``detection_rule="argmax"`` (the image inside the padding, in the boxes' frame).
 
     Returns:
         One :class:`ImageDetections` per image.
     """
+    if config.detection_rule == "argmax":
+        if windows is None:
+            raise ValueError("detection_rule='argmax' clips to each image's window: pass windows=")
+        return _argmax_detections(class_logits, box_deltas, proposals, windows, config=config)
     num_classes = class_logits.shape[1]
     num_box_classes = box_deltas.shape[1] // 4
     reference = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
@@ -164,6 +176,37 @@ def postprocess_detections(
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, config.nms_threshold)[: config.detections_per_image]
         results.append(ImageDetections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep]))
+    return results
+
+
+def _argmax_detections(class_logits, box_deltas, proposals, windows, *, config) -> list[ImageDetections]:
+    """matterport's ``refine_detections_graph`` per image (see the module docstring)."""
+    num_classes = class_logits.shape[1]
+    if box_deltas.shape[1] // 4 != num_classes or config.background_index != "first":
+        raise ValueError("detection_rule='argmax' needs class-specific boxes for every class, background first")
+    scores_all = F.softmax(class_logits, -1)
+    results = []
+    counts = [len(p) for p in proposals]
+    for scores, deltas, rois, window in zip(
+        scores_all.split(counts), box_deltas.split(counts), proposals, windows
+    ):
+        labels = scores.argmax(dim=1)  # first maximum on ties, as tf.argmax
+        index = torch.arange(scores.shape[0], device=scores.device)
+        best = scores[index, labels]
+        own = deltas.view(-1, num_classes, 4)[index, labels]
+        boxes = decode_deltas(
+            own,
+            rois,
+            weights=config.box_coder_weights,
+            clip=config.box_delta_clip,
+            clamp=config.box_delta_clamp,
+            style=config.box_coder_style,
+        )
+        boxes = clip_to_window(boxes, window)
+        keep = (labels > 0) & (best >= config.score_threshold)
+        boxes, best, labels = boxes[keep], best[keep], labels[keep]
+        keep = batched_nms(boxes, best, labels, config.nms_threshold)[: config.detections_per_image]
+        results.append(ImageDetections(boxes=boxes[keep], scores=best[keep], labels=labels[keep]))
     return results
 
 

@@ -4,6 +4,11 @@ Selection reproduces torchvision's ``RegionProposalNetwork.filter_proposals`` at
 per level, top-k on the raw objectness logits; sigmoid; clip to the resized image;
 drop boxes with a side < ``rpn_min_size``; drop scores < ``rpn_score_threshold``;
 NMS per level; keep the best ``rpn_post_nms_top_n`` of the image.
+
+With ``rpn_selection="global"`` it reproduces matterport's ``ProposalLayer`` instead: top-k of
+the foreground probabilities over all levels at once (ties in anchor order, as TensorFlow's
+``top_k``), decoding, clipping to the whole padded image ([0, 1] in the normalized frame), one
+NMS, the best ``rpn_post_nms_top_n``, and with ``rpn_pad_proposals`` zero boxes up to that count.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def select_proposals(
         proposals: per image float32 [P_i, 4], x1 y1 x2 y2 in resized-image pixels, by descending score;
         scores: per image float32 [P_i] objectness probabilities.
     """
+    if config.rpn_selection == "global":
+        return _select_global(objectness, deltas, torch.cat(anchors), image_sizes, config=config)
     num_images = objectness.shape[0]
     all_anchors = torch.cat(anchors)
 
@@ -116,4 +123,43 @@ def select_proposals(
         keep = batched_nms(b, s, lv, config.rpn_nms_threshold)[: config.rpn_post_nms_top_n]
         proposals.append(b[keep])
         proposal_scores.append(s[keep])
+    return proposals, proposal_scores
+
+
+def _select_global(
+    objectness: Tensor, deltas: Tensor, anchors: Tensor, image_sizes: list[tuple[int, int]], *, config: MaskRCNNConfig
+) -> tuple[list[Tensor], list[Tensor]]:
+    """matterport's ``ProposalLayer`` (see the module docstring); boxes in the anchors' frame.
+
+    In the normalized frame the clip is to [0, 1]; in pixels, to each image's resized size.
+    """
+    num_images, total = objectness.shape
+    k = min(config.rpn_pre_nms_top_n, total)
+    scores = torch.sigmoid(objectness)  # = softmax over matterport's (bg, fg) pair
+    # descending, ties in index order (TensorFlow's top_k), hence a stable sort rather than topk
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    proposals, proposal_scores = [], []
+    for i in range(num_images):
+        idx = order[i]
+        s = scores[i, idx]
+        b = decode_deltas(
+            deltas[i, idx],
+            anchors[idx],
+            weights=config.rpn_box_weights,
+            clip=config.box_delta_clip,
+            clamp=config.box_delta_clamp,
+            style=config.box_coder_style,
+        )
+        b = clip_boxes(b, (1.0, 1.0) if config.box_frame == "normalized" else image_sizes[i])
+        keep = large_enough(b, config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
+        keep &= s >= config.rpn_score_threshold
+        b, s = b[keep], s[keep]
+        keep = batched_nms(b, s, torch.zeros_like(s, dtype=torch.int64), config.rpn_nms_threshold)
+        b, s = b[keep[: config.rpn_post_nms_top_n]], s[keep[: config.rpn_post_nms_top_n]]
+        if config.rpn_pad_proposals and b.shape[0] < config.rpn_post_nms_top_n:
+            missing = config.rpn_post_nms_top_n - b.shape[0]
+            b = torch.cat([b, b.new_zeros((missing, 4))])
+            s = torch.cat([s, s.new_zeros((missing,))])
+        proposals.append(b)
+        proposal_scores.append(s)
     return proposals, proposal_scores

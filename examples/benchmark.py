@@ -42,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine import Predictor  # noqa: E402
 from engine.postprocess import to_original_frame  # noqa: E402
+from engine.model import image_windows  # noqa: E402
 from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
@@ -214,7 +215,12 @@ def bench_stages(args, state, device) -> dict:
             probs = model.mask_probabilities(features, detections, batch)
             mark()
             to_original_frame(
-                detections, probs, image_sizes=batch.image_sizes, original_sizes=batch.original_sizes, config=model.config
+                detections,
+                probs,
+                image_sizes=batch.image_sizes,
+                original_sizes=batch.original_sizes,
+                config=model.config,
+                windows=image_windows(batch, model.config),
             )
             mark()
         if record:

@@ -103,6 +103,10 @@ def test_presets_validate():
         "torchvision_maskrcnn_resnet50_fpn_v2",
         "detectron2_mask_rcnn_R_50_FPN",
         "mmdet_mask_rcnn_r50_fpn",
+        "matterport_mask_rcnn_fpn",
     }
+    mp = PRESETS["matterport_mask_rcnn_fpn"]
+    assert mp.bn_eps == 1e-3 and mp.stem_pool == "tf_same" and mp.level_rule.rounding == "round"
+    assert mp.anchor_aspect_ratios == (2.0, 1.0, 0.5) and mp.detection_rule == "argmax" and mp.score_threshold == 0.7
     mm = PRESETS["mmdet_mask_rcnn_r50_fpn"]
     assert mm.level_rule.canonical_size == 56 and mm.level_rule.canonical_level == 2 and mm.level_rule.eps_inside_log

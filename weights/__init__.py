@@ -3,10 +3,8 @@
 Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, basic-block
 ResNet-18/34, bottleneck ResNet / ResNeXt of any depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``) and mmdetection (2.x / 3.x ``.pth``).
 The family is detected from the checkpoint's keys, or forced with ``family=``; each maps onto the
-same canonical names and comes with its configuration preset. matterport's Keras ``.h5`` files are
-read and mapped onto the network by :mod:`weights.matterport`, but not offered here yet: the
-matterport inference rules (square padding, global proposal selection, argmax detection, integer
-boxes) are not wired into the pipeline, so ``load_checkpoint`` does not accept them.
+same canonical names and comes with its configuration preset. matterport's Keras ``.h5`` files
+(:mod:`weights.matterport`, needs h5py) come with the matterport preset.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from torch import Tensor
 
 from engine.config import (
     DETECTRON2_MASK_RCNN_R50_FPN,
+    MATTERPORT_MASK_RCNN_FPN,
     MMDET_MASK_RCNN_R50_FPN,
     TORCHVISION_MASKRCNN_R50_FPN,
     TORCHVISION_MASKRCNN_R50_FPN_V2,
@@ -28,6 +27,7 @@ from engine.config import (
 )
 from engine.model import ArchitectureSpec, MaskRCNN
 from weights import detectron2 as d2_format
+from weights import matterport as mp_format
 from weights import mmdetection as mm_format
 from weights import torchvision as tv_format
 from weights.errors import CheckpointError, format_list
@@ -42,7 +42,7 @@ __all__ = [
     "build_model",
 ]
 
-FAMILIES = ("torchvision", "detectron2", "mmdetection")
+FAMILIES = ("torchvision", "detectron2", "mmdetection", "matterport")
 
 # key prefixes that each family's Mask R-CNN parameters start with, to name the closest family
 _FAMILY_PREFIXES = {
@@ -94,6 +94,8 @@ def _read_raw(source):
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     if path.suffix == ".pkl":
         return d2_format.read_detectron2(path)
+    if path.suffix in (".h5", ".hdf5", ".keras"):
+        return mp_format.read_matterport(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or a model-zoo pickle under another name
@@ -128,6 +130,8 @@ def detect_family(raw: Mapping) -> str:
         CheckpointError: no known family fits; names the closest family and the keys that did not fit.
     """
     keys = _parameter_keys(raw)
+    if mp_format.looks_like_matterport(keys):
+        return "matterport"
     if d2_format.looks_like_detectron2(keys):
         return "detectron2"
     if mm_format.looks_like_mmdetection(keys):
@@ -148,12 +152,15 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family:
 
     Args:
         source: a file path or an in-memory state dict / container (not modified).
-        family: "torchvision", "detectron2" or "mmdetection"; None detects it from the keys.
+        family: "torchvision", "detectron2", "mmdetection" or "matterport"; None detects it from the keys.
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} or None; got {family!r}")
     raw = _read_raw(source)
     family = family or detect_family(raw)
+    if family == "matterport":
+        canonical, spec = mp_format.convert(raw)
+        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=MATTERPORT_MASK_RCNN_FPN, family="matterport")
     if family == "detectron2":
         canonical, spec, notes = d2_format.convert(d2_format.read_detectron2(raw))
         config = DETECTRON2_MASK_RCNN_R50_FPN.replace(

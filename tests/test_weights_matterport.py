@@ -165,3 +165,29 @@ def test_caller_mapping_not_modified(keras_matterport):
     before = {k: v.copy() for k, v in weights.items()}
     mp.convert(weights)
     assert set(before) == set(weights) and all(np.array_equal(before[k], weights[k]) for k in weights)
+
+
+def test_family_detection_and_mixed_up_checkpoints(tmp_path, keras_matterport):
+    from weights import detect_family, load_checkpoint
+
+    _, weights = keras_matterport
+    path = tmp_path / "model.h5"
+    write_keras2_h5(path, weights)
+    assert load_checkpoint(path).family == "matterport"
+    assert detect_family({f"{k}:0": v for k, v in weights.items()}) == "matterport"
+    with pytest.raises(CheckpointError, match="not tensors"):
+        load_checkpoint(path, family="torchvision")
+    with pytest.raises(CheckpointError, match="not a matterport"):
+        load_checkpoint({"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7)}, family="matterport")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(truncated)
+
+
+def test_missing_h5py_is_explained(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # makes `import h5py` fail
+    with pytest.raises(CheckpointError, match="pip install h5py"):
+        mp.read_matterport(tmp_path / "any.h5")

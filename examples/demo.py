@@ -1,6 +1,12 @@
 """Run a Mask R-CNN checkpoint on image files and write overlays and COCO-format results.
 
+    python examples/demo.py --output out/                      # the bundled shapes model on generated images
     python examples/demo.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth photos/ "more/*.jpg" --output out/
+
+Without ``--weights`` the demo runs the small model that ships with the project (ResNet-18-FPN
+trained on synthetic circles, squares and triangles, see ``weights/bundled.py``): with no
+inputs it first generates ``--shapes N`` images into ``OUTPUT/inputs/``, so that one command on
+a fresh machine shows real masks.
 
 Inputs are image files, folders (their images, sorted) and glob patterns. Each input
 ``NAME.ext`` gets ``OUTPUT/NAME_overlay.png`` (translucent masks, boxes, class names,
@@ -133,9 +139,12 @@ class Progress:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    ap.add_argument("--weights", help="Mask R-CNN checkpoint: torchvision .pth, Detectron2 .pkl/.pth or mmdetection .pth")
-    ap.add_argument("--family", choices=["torchvision", "detectron2", "mmdetection"],
+    ap.add_argument("inputs", nargs="*", help="image files, folders or glob patterns (none: generated shape images)")
+    ap.add_argument("--weights", help="Mask R-CNN checkpoint: torchvision .pth, Detectron2 .pkl/.pth or mmdetection .pth "
+                    "(default: the bundled shapes model)")
+    ap.add_argument("--shapes", type=int, default=6,
+                    help="without inputs or --weights: how many shape images to generate (default: 6)")
+    ap.add_argument("--family", choices=["torchvision", "detectron2", "mmdetection", "matterport"],
                     help="checkpoint family (default: detected from the checkpoint's keys)")
     ap.add_argument("--output", default="out", help="folder for overlays and results.json (default: out)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -148,41 +157,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error(f"--batch-size must be at least 1; got {args.batch_size}")
+    if args.weights and not args.inputs:
+        ap.error("with --weights, give the images to run it on (files, folders or glob patterns)")
+    if args.shapes < 1:
+        ap.error(f"--shapes must be at least 1; got {args.shapes}")
     return args
+
+
+#: seed of the demo's generated images (training used weights.shapes.TRAIN_SEED)
+DEMO_SEED = 2026
+
+
+def generate_inputs(folder: Path, count: int) -> list[str]:
+    """Write ``count`` shape images (RGB PNG) to ``folder``; returns their paths."""
+    from weights.shapes import generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"shapes_{index:02d}.png"
+        write_image(path, cv2.cvtColor(generate(DEMO_SEED, index).image, cv2.COLOR_RGB2BGR))
+        paths.append(str(path))
+    return paths
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.weights:
-        print(
-            "error: --weights PATH is required: a torchvision Mask R-CNN checkpoint, e.g. the file\n"
-            "  maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth that torchvision's maskrcnn_resnet50_fpn(weights='DEFAULT')\n"
-            "  downloads into ~/.cache/torch/hub/checkpoints/, or a state_dict you saved from a fine-tuned model.",
-            file=sys.stderr,
-        )
-        return 2
     try:
         import pycocotools.mask  # noqa: F401  (results.json holds RLE masks)
     except ImportError:
         print("error: the demo encodes masks with pycocotools: pip install -e '.[coco]' (or pip install pycocotools)",
               file=sys.stderr)
         return 2
-    files = collect_inputs(args.inputs)
+    out_dir = Path(args.output)
+    patterns = args.inputs
+    if not patterns:
+        patterns = generate_inputs(out_dir / "inputs", args.shapes)
+        print(f"generated {len(patterns)} shape images in {out_dir / 'inputs'}")
+    files = collect_inputs(patterns)
     if not files:
         print("error: no images found in the inputs", file=sys.stderr)
         return 2
-    out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {f.resolve() for f in files}
-    predictor = Predictor(
-        args.weights,
-        family=args.family,
-        device=args.device,
-        score_threshold=args.score_threshold,
-        mask_threshold=args.mask_threshold,
-    )
+    options = dict(device=args.device, score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
+    bundled_names = None
+    if args.weights:
+        predictor = Predictor(args.weights, family=args.family, **options)
+    else:
+        from weights.bundled import shapes_model, shapes_predictor
+
+        predictor = shapes_predictor(**options)
+        bundled_names = list(shapes_model(verify=False).class_names)
+        print("no --weights: running the bundled shapes model (weights/data/shapes_r18_fpn.pth)")
     background = predictor.config.background_index
-    if args.class_names:
+    if bundled_names and not args.class_names:
+        names = bundled_names
+    elif args.class_names:
         names = load_class_names(args.class_names, num_classes=predictor.num_classes, background=background)
     else:
         names = default_class_names(predictor.num_classes, background=background)

@@ -155,7 +155,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         optimizer.step()
         for k, v in losses.items():
-            smoothed[k] = 0.95 * smoothed.get(k, float(v)) + 0.05 * float(v)
+            value = float(v.detach())
+            smoothed[k] = 0.95 * smoothed.get(k, value) + 0.05 * value
         if (iteration + 1) % 50 == 0 or iteration + 1 == args.iterations:
             elapsed = time.perf_counter() - began
             entry = {"iteration": iteration + 1, "lr": lr, "seconds": round(elapsed, 1)}

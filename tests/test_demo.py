@@ -78,10 +78,11 @@ def test_demo_refuses_to_overwrite_inputs(setup):
     assert victim.read_bytes() == before
 
 
-def test_demo_without_weights_says_what_to_pass(tmp_path, capsys):
+def test_demo_without_weights_on_an_empty_folder_says_so(tmp_path, capsys):
+    # without --weights the demo runs the bundled shapes model on the given inputs (tests/test_bundled_model.py)
     demo = load_demo()
     assert demo.main([str(tmp_path)]) == 2
-    assert "--weights PATH is required" in capsys.readouterr().err
+    assert "no images found" in capsys.readouterr().err
 
 
 def test_demo_class_names_must_match_checkpoint(setup, tmp_path):

@@ -39,7 +39,9 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
-def assert_detections_match(reference: dict, ours, *, box_iou_min=0.99, score_tol=1e-4, mask_iou_min=0.99):
+def assert_detections_match(
+    reference: dict, ours, *, box_iou_min=0.99, score_tol=1e-4, mask_iou_min=0.99, detections_per_image=100
+):
     ref_boxes, ref_scores, ref_labels = reference["boxes"], reference["scores"], reference["labels"]
     ref_masks = reference["masks"][:, 0] > 0.5
     assert len(ours) == len(ref_boxes), f"{len(ours)} detections, torchvision has {len(ref_boxes)}"
@@ -50,10 +52,16 @@ def assert_detections_match(reference: dict, ours, *, box_iou_min=0.99, score_to
     same_label = ref_labels[:, None] == ours.labels[None, :]
     ious = torch.where(same_label, ious, torch.full_like(ious, -1.0))
     used = set()
+    cut = ref_scores[-1].item()  # the lowest kept score: where the top-k cut falls when the list is full
     for i in range(len(ref_boxes)):
         order = torch.argsort(ious[i], descending=True).tolist()
         j = next(j for j in order if j not in used)
         used.add(j)
+        if ious[i, j] < box_iou_min and len(ref_boxes) == detections_per_image:
+            # a near-tie at the top-k cut may keep a different candidate of (almost) the same score
+            at_cut = abs(ref_scores[i].item() - cut) < score_tol and abs(ours.scores[-1].item() - cut) < score_tol
+            if at_cut:
+                continue
         assert ious[i, j] >= box_iou_min, f"torchvision detection {i} has no counterpart (best IoU {ious[i, j]:.4f})"
         assert abs(ref_scores[i].item() - ours.scores[j].item()) < score_tol
         assert mask_iou(ref_masks[i], ours.masks[j]) >= mask_iou_min, f"detection {i}: mask IoU too low"

@@ -82,6 +82,19 @@ def decode_deltas(
     return out.flatten(1)
 
 
+def decode_with_config(deltas: Tensor, reference: Tensor, *, config, weights: tuple[float, float, float, float]) -> Tensor:
+    """:func:`decode_deltas` with the clamp, clip and style of a :class:`engine.config.MaskRCNNConfig`;
+    ``weights`` is the stage's coder weights (``config.rpn_box_weights`` or ``config.box_coder_weights``)."""
+    return decode_deltas(
+        deltas,
+        reference,
+        weights=weights,
+        clip=config.box_delta_clip,
+        clamp=config.box_delta_clamp,
+        style=config.box_coder_style,
+    )
+
+
 def _decode_matterport(deltas: Tensor, reference: Tensor, *, weights, clip: float, clamp: str) -> Tensor:
     """matterport's ``apply_box_deltas_graph`` on x1 y1 x2 y2 boxes (its frame is y1 x1 y2 x2; the
     operations per axis are the same), deltas (dx, dy, dw, dh) times ``1 / weights`` (its std devs)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbone import ConvNorm
-from engine.boxes import clip_boxes, clip_to_window, decode_deltas, large_enough
+from engine.boxes import clip_boxes, clip_to_window, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
 from kernels.nms import batched_nms
 
@@ -143,14 +143,8 @@ def postprocess_detections(
     num_classes = class_logits.shape[1]
     num_box_classes = box_deltas.shape[1] // 4
     reference = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
-    boxes_all = decode_deltas(
-        box_deltas,
-        reference,
-        weights=config.box_coder_weights,
-        clip=config.box_delta_clip,
-        clamp=config.box_delta_clamp,
-        style=config.box_coder_style,
-    ).reshape(-1, num_box_classes, 4)
+    boxes_all = decode_with_config(box_deltas, reference, config=config, weights=config.box_coder_weights)
+    boxes_all = boxes_all.reshape(-1, num_box_classes, 4)
     scores_all = F.softmax(class_logits, -1)
 
     if config.background_index == "first":
@@ -194,14 +188,7 @@ def _argmax_detections(class_logits, box_deltas, proposals, windows, *, config) 
         index = torch.arange(scores.shape[0], device=scores.device)
         best = scores[index, labels]
         own = deltas.view(-1, num_classes, 4)[index, labels]
-        boxes = decode_deltas(
-            own,
-            rois,
-            weights=config.box_coder_weights,
-            clip=config.box_delta_clip,
-            clamp=config.box_delta_clamp,
-            style=config.box_coder_style,
-        )
+        boxes = decode_with_config(own, rois, config=config, weights=config.box_coder_weights)
         boxes = clip_to_window(boxes, window)
         keep = (labels > 0) & (best >= config.score_threshold)
         boxes, best, labels = boxes[keep], best[keep], labels[keep]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.boxes import clip_boxes, decode_deltas, large_enough
+from engine.boxes import clip_boxes, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
 from kernels.nms import batched_nms
 
@@ -104,13 +104,11 @@ def select_proposals(
     rows = torch.arange(num_images, device=objectness.device)[:, None]
     scores = torch.sigmoid(objectness[rows, top_idx])
     # decoding is elementwise, so decoding only the selected anchors gives the same boxes
-    boxes = decode_deltas(
+    boxes = decode_with_config(
         deltas[rows, top_idx].reshape(-1, 4),
         all_anchors[top_idx].reshape(-1, 4),
+        config=config,
         weights=config.rpn_box_weights,
-        clip=config.box_delta_clip,
-        clamp=config.box_delta_clamp,
-        style=config.box_coder_style,
     ).view(num_images, -1, 4)
 
     proposals, proposal_scores = [], []
@@ -142,14 +140,7 @@ def _select_global(
     for i in range(num_images):
         idx = order[i]
         s = scores[i, idx]
-        b = decode_deltas(
-            deltas[i, idx],
-            anchors[idx],
-            weights=config.rpn_box_weights,
-            clip=config.box_delta_clip,
-            clamp=config.box_delta_clamp,
-            style=config.box_coder_style,
-        )
+        b = decode_with_config(deltas[i, idx], anchors[idx], config=config, weights=config.rpn_box_weights)
         b = clip_boxes(b, (1.0, 1.0) if config.box_frame == "normalized" else image_sizes[i])
         keep = large_enough(b, config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
         keep &= s >= config.rpn_score_threshold

@@ -134,6 +134,13 @@ def _tensor(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
+def _deltas_to_xywh(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Reorder a delta regressor's output rows from matterport's (dy, dx, dh, dw) per anchor or class
+    to the engine's (dx, dy, dw, dh); ``weight`` [4K, ...], ``bias`` [4K]."""
+    order = torch.arange(weight.shape[0]).view(-1, 4)[:, [1, 0, 3, 2]].reshape(-1)
+    return weight[order].contiguous(), bias[order].contiguous()
+
+
 def convert(source: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], ArchitectureSpec]:
     """Canonical float32 state dict (engine names) and sizes of a matterport checkpoint.
 
@@ -210,11 +217,8 @@ def convert(source: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], Arc
     num_anchors = cls_w.shape[0] // 2
     out["rpn.head.cls_logits.weight"] = (cls_w[1::2] - cls_w[0::2]).float()
     out["rpn.head.cls_logits.bias"] = (cls_b[1::2] - cls_b[0::2]).float()
-    yxhw_to_xywh = torch.tensor([1, 0, 3, 2])
     reg_w, reg_b = _conv(take("rpn_bbox_pred/kernel")), torch.from_numpy(take("rpn_bbox_pred/bias"))
-    order = (torch.arange(reg_w.shape[0]).view(-1, 4)[:, yxhw_to_xywh]).reshape(-1)
-    out["rpn.head.bbox_pred.weight"] = reg_w[order].contiguous()
-    out["rpn.head.bbox_pred.bias"] = reg_b[order].contiguous()
+    out["rpn.head.bbox_pred.weight"], out["rpn.head.bbox_pred.bias"] = _deltas_to_xywh(reg_w, reg_b)
 
     # box head: 7x7 valid conv + BN, 1x1 conv + BN -> fc6, fc7
     k1 = take("mrcnn_class_conv1/kernel")  # [P, P, C, R]
@@ -230,9 +234,9 @@ def convert(source: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], Arc
     out["roi_heads.box_predictor.cls_score.bias"] = _tensor(take("mrcnn_class_logits/bias"))
     bbox_w = torch.from_numpy(np.ascontiguousarray(take("mrcnn_bbox_fc/kernel").T))
     bbox_b = torch.from_numpy(take("mrcnn_bbox_fc/bias"))
-    order = (torch.arange(bbox_w.shape[0]).view(-1, 4)[:, yxhw_to_xywh]).reshape(-1)
-    out["roi_heads.box_predictor.bbox_pred.weight"] = bbox_w[order].contiguous()
-    out["roi_heads.box_predictor.bbox_pred.bias"] = bbox_b[order].contiguous()
+    out["roi_heads.box_predictor.bbox_pred.weight"], out["roi_heads.box_predictor.bbox_pred.bias"] = _deltas_to_xywh(
+        bbox_w, bbox_b
+    )
 
     # mask head: 4 x (3x3 conv + BN), 2x2 deconv, 1x1 logits
     mask_convs = 0

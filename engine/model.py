@@ -11,6 +11,7 @@ import contextlib
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -254,11 +255,14 @@ def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float
     Pixels: ``(left, top, left + w, top + h)``; normalized: that box through matterport's ``norm_boxes``.
     """
     windows = []
+    height, width = batch.tensor.shape[-2:]
     for (h, w), (top, left) in zip(batch.image_sizes, batch.offsets):
-        box = torch.tensor([[left, top, left + w, top + h]], dtype=torch.float64)
+        box = np.array([left, top, left + w, top + h], dtype=np.float64)
         if config.box_frame == "normalized":
-            box = normalize_boxes(box, tuple(batch.tensor.shape[-2:]))
-        windows.append(tuple(float(v) for v in box[0]))
+            # normalize_boxes' float64 arithmetic on the host: these are host numbers, no device read
+            scale = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
+            box = ((box - np.array([0.0, 0.0, 1.0, 1.0])) / scale).astype(np.float32)
+        windows.append(tuple(float(v) for v in box))
     return windows
 
 

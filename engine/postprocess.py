@@ -33,10 +33,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from engine.boxes import clip_boxes, large_enough
+from engine.boxes import large_enough
+from engine.ragged import image_of_row, read_counts, segment_rank_kept, upload
 from engine.config import MaskRCNNConfig
 from engine.results import BoxMasks, Detections
 from engine.roi_heads import ImageDetections
@@ -176,19 +178,6 @@ def _paste_in_chunks(probs, boxes, counts, sizes, *, threshold, crop, max_chunk_
     return outs, to_host
 
 
-def _clip_to_original(detections, mask_probs, boxes, original_sizes, config):
-    """Detectron2's ``detector_postprocess``: clip the scaled boxes to the input image, drop the
-    empty ones (w > 0 and h > 0 kept), and paste masks with the clipped boxes."""
-    kept_dets, kept_probs, kept_boxes = [], [], []
-    for d, probs, b, size in zip(detections, mask_probs, boxes, original_sizes):
-        b = clip_boxes(b, size)
-        keep = large_enough(b, 0.0, inclusive=False)
-        kept_boxes.append(b[keep])
-        kept_probs.append(probs[keep])
-        kept_dets.append(ImageDetections(boxes=d.boxes[keep], scores=d.scores[keep], labels=d.labels[keep]))
-    return kept_dets, kept_probs, kept_boxes
-
-
 def window_relative_integer_boxes(
     boxes: Tensor, window: tuple[float, float, float, float], original_size: tuple[int, int]
 ) -> Tensor:
@@ -210,16 +199,84 @@ def window_relative_integer_boxes(
     return b.to(torch.float32)
 
 
-def _unmold_integer_boxes(detections, mask_probs, windows, original_sizes):
-    """Integer boxes per image (:func:`window_relative_integer_boxes`), dropping those of area <= 0."""
-    kept_dets, kept_probs, kept_boxes = [], [], []
-    for d, probs, window, size in zip(detections, mask_probs, windows, original_sizes):
-        b = window_relative_integer_boxes(d.boxes, window, size)
-        keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 0
-        kept_boxes.append(b[keep])
-        kept_probs.append(probs[keep])
-        kept_dets.append(ImageDetections(boxes=d.boxes[keep], scores=d.scores[keep], labels=d.labels[keep]))
-    return kept_dets, kept_probs, kept_boxes
+def _frame_ratios(image_sizes, original_sizes, style: str) -> list[tuple[float, float]]:
+    """Per image the float32 (ratio_w, ratio_h) of :func:`rescale_boxes`, computed on the host
+    (IEEE float32 division, so equal to the device's)."""
+    if style == "multiply":
+        pairs = [(o, s) for s, o in zip(image_sizes, original_sizes)]
+    elif style == "divide":
+        pairs = [(s, o) for s, o in zip(image_sizes, original_sizes)]
+    else:
+        raise ValueError(f"unknown rescale style {style!r}; accepted: 'multiply', 'divide'")
+    f32 = np.float32
+    return [(float(f32(num[1]) / f32(den[1])), float(f32(num[0]) / f32(den[0]))) for num, den in pairs]
+
+
+def _rescale_rows(boxes: Tensor, ratios: Tensor, style: str) -> Tensor:
+    """:func:`rescale_boxes` with one float32 (ratio_w, ratio_h) row per box: boxes [N, 4], ratios [N, 2]."""
+    ratio = ratios[:, [0, 1, 0, 1]]
+    return boxes / ratio if style == "divide" else boxes * ratio
+
+
+def _integer_rows(boxes: Tensor, windows: Tensor, sizes: Tensor) -> Tensor:
+    """:func:`window_relative_integer_boxes` with one window (float32 [N, 4]) and one input (H, W)
+    (float64 [N, 2]) per box."""
+    wx1, wy1, wx2, wy2 = windows.unbind(1)
+    shift = torch.stack([wx1, wy1, wx1, wy1], dim=1)
+    scale = torch.stack([wx2 - wx1, wy2 - wy1, wx2 - wx1, wy2 - wy1], dim=1)
+    b = ((boxes.to(torch.float32) - shift) / scale).to(torch.float64)
+    height, width = sizes.unbind(1)
+    span = torch.stack([width - 1, height - 1, width - 1, height - 1], dim=1)
+    end = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64).to(boxes.device, non_blocking=True)
+    return torch.round(b * span + end).to(torch.float32)
+
+
+def _boxes_in_input_frame(detections, mask_probs, *, image_sizes, original_sizes, windows, config):
+    """Every image's boxes in its input frame, for the whole batch at once.
+
+    Returns ``(detections, mask_probs, boxes)``: per image the detections, their mask
+    probabilities and their float32 boxes in the input frame, after
+    Detectron2's empty-box filter or matterport's area filter where the family has one. That
+    filter costs one host read for the batch (the kept detections per image).
+    """
+    counts = [len(d.boxes) for d in detections]
+    device = detections[0].boxes.device
+    images = image_of_row(counts, device)
+    flat = torch.cat([d.boxes for d in detections])
+    keep = None
+    if config.box_output == "integer":
+        if windows is None:
+            raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
+        rows_windows = upload(windows, dtype=torch.float32, device=device)[images]
+        rows_sizes = upload(original_sizes, dtype=torch.float64, device=device)[images]
+        boxes = _integer_rows(flat, rows_windows, rows_sizes)
+        keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0
+    else:
+        ratios = upload(_frame_ratios(image_sizes, original_sizes, config.rescale_style), dtype=torch.float32, device=device)
+        boxes = _rescale_rows(flat, ratios[images], config.rescale_style)
+        if config.clip_boxes_to_original:  # Detectron2's detector_postprocess
+            sizes = upload(original_sizes, dtype=torch.float32, device=device)[images]
+            height, width = sizes[:, 0:1], sizes[:, 1:2]
+            x = torch.minimum(boxes[:, 0::2].clamp(min=0), width)
+            y = torch.minimum(boxes[:, 1::2].clamp(min=0), height)
+            boxes = torch.stack((x, y), dim=2).reshape(boxes.shape)
+            keep = large_enough(boxes, 0.0, inclusive=False)
+    if keep is None:
+        return detections, mask_probs, list(boxes.split(counts))
+    # kept ones first within each image, in their order (equal scores: a stable sort keeps it)
+    order, kept = segment_rank_kept(torch.zeros_like(boxes[:, 0]), keep, images, len(counts), max(counts, default=0))
+    kept = read_counts(kept)  # host read: detections per image left by the filter
+    flat_scores = torch.cat([d.scores for d in detections])
+    flat_labels = torch.cat([d.labels for d in detections])
+    flat_probs = torch.cat(mask_probs)
+    out_dets, out_probs, out_boxes, start = [], [], [], 0
+    for count, size in zip(kept, counts):
+        idx = order[start : start + count]
+        out_dets.append(ImageDetections(boxes=flat[idx], scores=flat_scores[idx], labels=flat_labels[idx]))
+        out_probs.append(flat_probs[idx])
+        out_boxes.append(boxes[idx])
+        start += size
+    return out_dets, out_probs, out_boxes
 
 
 def to_original_frame(
@@ -264,17 +321,11 @@ def to_original_frame(
     threshold = config.mask_threshold
     if crop and (threshold is None or threshold < 0):
         raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
-    if config.box_output == "integer":
-        if windows is None:
-            raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
-        detections, mask_probs, boxes = _unmold_integer_boxes(detections, mask_probs, windows, original_sizes)
-    else:
-        boxes = [
-            rescale_boxes(d.boxes, s, o, style=config.rescale_style)
-            for d, s, o in zip(detections, image_sizes, original_sizes)
-        ]
-    if config.clip_boxes_to_original:
-        detections, mask_probs, boxes = _clip_to_original(detections, mask_probs, boxes, original_sizes, config)
+    if config.box_output == "integer" and windows is None:
+        raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
+    detections, mask_probs, boxes = _boxes_in_input_frame(
+        detections, mask_probs, image_sizes=image_sizes, original_sizes=original_sizes, windows=windows, config=config
+    )
     all_boxes = torch.cat(boxes)
     all_probs = torch.cat(mask_probs) if mask_probs else torch.zeros((0, 28, 28), device=all_boxes.device)
     counts = [len(b) for b in boxes]

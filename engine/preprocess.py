@@ -287,13 +287,15 @@ def _pil_bilinear(
 
 def _cv2_linear(image: Tensor, out_h: int, out_w: int) -> Tensor:
     """``cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)`` on the host, back on ``image``'s device."""
+    return torch.from_numpy(_cv2_resize_array(image.cpu().numpy(), out_h, out_w)).to(image.device)
+
+
+def _cv2_resize_array(array: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``cv2.resize(INTER_LINEAR)`` of a uint8 [H, W, C] host array, the channel axis kept."""
     import cv2
 
-    host = np.ascontiguousarray(image.cpu().numpy())
-    out = cv2.resize(host, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-    if out.ndim == 2:  # cv2 drops a single channel axis
-        out = out[:, :, None]
-    return torch.from_numpy(out).to(image.device)
+    out = cv2.resize(np.ascontiguousarray(array), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    return out[:, :, None] if out.ndim == 2 else out  # cv2 drops a single channel axis
 
 
 # --- scikit-image resize, order 1 (matterport) -----------------------------------------------
@@ -336,7 +338,7 @@ def _skimage_linear(image: Tensor, out_h: int, out_w: int) -> Tensor:
             corner = rows[r].index_select(2, x0 + c).to(torch.float64)
             term = corner * wy[r] * wx[c]  # evaluated left to right: (p * wy) * wx
             out = term if out is None else out + term
-    lo, hi = float(image.min()), float(image.max())
+    lo, hi = image.min().to(torch.float64), image.max().to(torch.float64)  # tensors: no host read
     return out.clamp_(lo, hi).to(torch.uint8).permute(1, 2, 0).contiguous()  # float -> uint8 truncates
 
 
@@ -357,7 +359,10 @@ def preprocess(images: list[np.ndarray], *, config: MaskRCNNConfig, device: torc
         if config.resize_method in _HOST_METHODS:
             # resize the host array before the transfer (cv2 runs on the host only)
             out_h, out_w = output_size(*image.shape[:2], config)
-            small = resize_uint8(host, out_h, out_w, method=config.resize_method)
+            if config.resize_method == "cv2_linear":  # straight from the caller's array: no tensor round trip
+                small = torch.from_numpy(_cv2_resize_array(image, out_h, out_w))
+            else:
+                small = resize_uint8(host, out_h, out_w, method=config.resize_method)
             resized.append(_normalize(small.to(device, non_blocking=True), config))
         else:
             resized.append(normalize_and_resize(host.to(device, non_blocking=True), config=config))

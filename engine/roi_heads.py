@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbone import ConvNorm
-from engine.boxes import clip_boxes, clip_to_window, decode_with_config, large_enough
+from engine.boxes import decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
-from kernels.nms import batched_nms
+from engine.ragged import image_of_row, read_counts, segment_rank_kept, segment_sizes, upload
+from kernels.nms import batched_nms_keep
 
 
 class BoxHead(nn.Module):
@@ -156,45 +157,68 @@ def postprocess_detections(
         box_fg = slice(0, num_classes - 1)
         labels_fg = torch.arange(0, num_classes - 1, device=class_logits.device)
 
-    results = []
-    for boxes, scores, size in zip(
-        boxes_all.split([len(p) for p in proposals]), scores_all.split([len(p) for p in proposals]), image_sizes
-    ):
-        boxes = clip_boxes(boxes, size)[:, box_fg].reshape(-1, 4)
-        scores = scores[:, fg]
-        labels = labels_fg.view(1, -1).expand_as(scores).reshape(-1)
-        scores = scores.reshape(-1)
-        keep = scores > config.score_threshold
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = large_enough(boxes, config.detection_min_size)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, config.nms_threshold)[: config.detections_per_image]
-        results.append(ImageDetections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep]))
+    counts = [len(p) for p in proposals]
+    device = class_logits.device
+    row_image = image_of_row(counts, device)
+    sizes = upload(image_sizes, dtype=torch.float32, device=device)[row_image]  # [R, 2] (h, w)
+    height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
+    x = torch.minimum(boxes_all[..., 0::2].clamp(min=0), width)
+    y = torch.minimum(boxes_all[..., 1::2].clamp(min=0), height)
+    boxes = torch.stack((x, y), dim=3).reshape(boxes_all.shape)[:, box_fg].reshape(-1, 4)
+    scores = scores_all[:, fg]
+    labels = labels_fg.view(1, -1).expand_as(scores).reshape(-1)
+    images = row_image[:, None].expand_as(scores).reshape(-1)
+    scores = scores.reshape(-1)
+    valid = (scores > config.score_threshold) & large_enough(boxes, config.detection_min_size)
+    return _nms_and_select(boxes, scores, labels, images, valid, len(proposals), num_classes, config=config)
+
+
+def _nms_and_select(boxes, scores, labels, images, valid, num_images: int, num_classes: int, *, config) -> list[ImageDetections]:
+    """Candidates of the whole batch -> per-image detections: per-class NMS within each image,
+    then each image's best ``detections_per_image``.
+
+    boxes [N, 4], scores [N], labels int64 [N], images int64 [N] (non-decreasing), valid bool [N].
+    Two host reads: the size of the candidate set that passed the filters (``nonzero``: the NMS
+    works on those only, as the frameworks do), and the detections per image.
+    """
+    index = torch.nonzero(valid).squeeze(1)  # host read: the candidates that passed the filters
+    boxes, scores, labels, images = boxes[index], scores[index], labels[index], images[index]
+    keep = batched_nms_keep(boxes, scores, images * num_classes + labels, config.nms_threshold)
+    order, counts = segment_rank_kept(scores, keep, images, num_images, config.detections_per_image)
+    kept, sizes = _split_counts(read_counts(torch.cat([counts, segment_sizes(images, num_images)])), num_images)
+    results, start = [], 0
+    for count, size in zip(kept, sizes):
+        idx = order[start : start + count]
+        results.append(ImageDetections(boxes=boxes[idx], scores=scores[idx], labels=labels[idx]))
+        start += size
     return results
+
+
+def _split_counts(values: list[int], num_images: int) -> tuple[list[int], list[int]]:
+    return values[:num_images], values[num_images:]
 
 
 def _argmax_detections(class_logits, box_deltas, proposals, windows, *, config) -> list[ImageDetections]:
-    """matterport's ``refine_detections_graph`` per image (see the module docstring)."""
+    """matterport's ``refine_detections_graph`` for the whole batch (see the module docstring)."""
     num_classes = class_logits.shape[1]
     if box_deltas.shape[1] // 4 != num_classes or config.background_index != "first":
         raise ValueError("detection_rule='argmax' needs class-specific boxes for every class, background first")
-    scores_all = F.softmax(class_logits, -1)
-    results = []
+    scores = F.softmax(class_logits, -1)
     counts = [len(p) for p in proposals]
-    for scores, deltas, rois, window in zip(
-        scores_all.split(counts), box_deltas.split(counts), proposals, windows
-    ):
-        labels = scores.argmax(dim=1)  # first maximum on ties, as tf.argmax
-        index = torch.arange(scores.shape[0], device=scores.device)
-        best = scores[index, labels]
-        own = deltas.view(-1, num_classes, 4)[index, labels]
-        boxes = decode_with_config(own, rois, config=config, weights=config.box_coder_weights)
-        boxes = clip_to_window(boxes, window)
-        keep = (labels > 0) & (best >= config.score_threshold)
-        boxes, best, labels = boxes[keep], best[keep], labels[keep]
-        keep = batched_nms(boxes, best, labels, config.nms_threshold)[: config.detections_per_image]
-        results.append(ImageDetections(boxes=boxes[keep], scores=best[keep], labels=labels[keep]))
-    return results
+    device = class_logits.device
+    row_image = image_of_row(counts, device)
+    labels = scores.argmax(dim=1)  # first maximum on ties, as tf.argmax
+    index = torch.arange(scores.shape[0], device=device)
+    best = scores[index, labels]
+    own = box_deltas.view(-1, num_classes, 4)[index, labels]
+    rois = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
+    boxes = decode_with_config(own, rois, config=config, weights=config.box_coder_weights)
+    window = upload(windows, dtype=torch.float32, device=device)[row_image]  # [R, 4] x1 y1 x2 y2
+    x = torch.minimum(torch.maximum(boxes[:, 0::2], window[:, 0:1]), window[:, 2:3])
+    y = torch.minimum(torch.maximum(boxes[:, 1::2], window[:, 1:2]), window[:, 3:4])
+    boxes = torch.stack((x, y), dim=2).reshape(boxes.shape)
+    valid = (labels > 0) & (best >= config.score_threshold)
+    return _nms_and_select(boxes, best, labels, row_image, valid, len(proposals), num_classes, config=config)
 
 
 def select_mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:

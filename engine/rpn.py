@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from engine.boxes import clip_boxes, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
-from kernels.nms import batched_nms
+from engine.ragged import rank_kept, read_counts, upload
+from kernels.nms import batched_nms_keep
 
 
 class RPNHead(nn.Module):
@@ -89,6 +90,7 @@ def select_proposals(
     if config.rpn_selection == "global":
         return _select_global(objectness, deltas, torch.cat(anchors), image_sizes, config=config)
     num_images = objectness.shape[0]
+    device = objectness.device
     all_anchors = torch.cat(anchors)
 
     # top-k per level on the raw logits
@@ -97,11 +99,11 @@ def select_proposals(
         k = min(config.rpn_pre_nms_top_n, count)
         _, idx = objectness[:, offset : offset + count].topk(k, dim=1)
         top_idx.append(idx + offset)
-        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
+        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
         offset += count
     top_idx = torch.cat(top_idx, dim=1)
     levels = torch.cat(top_levels)
-    rows = torch.arange(num_images, device=objectness.device)[:, None]
+    rows = torch.arange(num_images, device=device)[:, None]
     scores = torch.sigmoid(objectness[rows, top_idx])
     # decoding is elementwise, so decoding only the selected anchors gives the same boxes
     boxes = decode_with_config(
@@ -110,18 +112,49 @@ def select_proposals(
         config=config,
         weights=config.rpn_box_weights,
     ).view(num_images, -1, 4)
+    boxes = clip_boxes_per_image(boxes, upload(image_sizes, dtype=torch.float32, device=device))
+    # one NMS for the batch: a group per (image, level); entries filtered out share a spare group
+    groups = rows * len(anchors_per_level) + levels[None, :]
+    return _nms_and_rank(boxes, scores, groups, config=config)
 
-    proposals, proposal_scores = [], []
-    for i in range(num_images):
-        b = clip_boxes(boxes[i], image_sizes[i])
-        s, lv = scores[i], levels
-        keep = large_enough(b, config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
-        keep &= s >= config.rpn_score_threshold
-        b, s, lv = b[keep], s[keep], lv[keep]
-        keep = batched_nms(b, s, lv, config.rpn_nms_threshold)[: config.rpn_post_nms_top_n]
-        proposals.append(b[keep])
-        proposal_scores.append(s[keep])
-    return proposals, proposal_scores
+
+def clip_boxes_per_image(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """:func:`engine.boxes.clip_boxes` with one (h, w) per image: boxes [B, N, 4], sizes float32 [B, 2]."""
+    height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
+    x = torch.minimum(boxes[..., 0::2].clamp(min=0), width)
+    y = torch.minimum(boxes[..., 1::2].clamp(min=0), height)
+    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
+
+
+def _nms_and_rank(boxes: Tensor, scores: Tensor, groups: Tensor, *, config: MaskRCNNConfig):
+    """Size and score filter, NMS within ``groups``, the best ``rpn_post_nms_top_n`` per image.
+
+    boxes [B, N, 4], scores [B, N], groups int64 [B, N] (disjoint between images). Returns the
+    per-image lists of :func:`select_proposals`, after one host read of their lengths (or none,
+    with ``rpn_pad_proposals``: every image then has exactly ``rpn_post_nms_top_n``).
+    """
+    num_images, n = scores.shape
+    top_n = config.rpn_post_nms_top_n
+    valid = large_enough(boxes.reshape(-1, 4), config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
+    valid = valid.view(num_images, n) & (scores >= config.rpn_score_threshold)
+    spare = groups.max() + 1  # a tensor: no host read
+    groups = torch.where(valid, groups, spare)
+    keep = batched_nms_keep(boxes.reshape(-1, 4), scores.reshape(-1), groups.reshape(-1), config.rpn_nms_threshold)
+    keep = keep.view(num_images, n) & valid
+    order, counts = rank_kept(scores, keep, top_n)
+    rows = torch.arange(num_images, device=scores.device)[:, None]
+    boxes, scores = boxes[rows, order], scores[rows, order]
+    if config.rpn_pad_proposals:
+        filled = torch.arange(order.shape[1], device=scores.device)[None, :] < counts[:, None]
+        boxes = torch.where(filled[..., None], boxes, torch.zeros_like(boxes))
+        scores = torch.where(filled, scores, torch.zeros_like(scores))
+        if order.shape[1] < top_n:
+            missing = top_n - order.shape[1]
+            boxes = torch.cat([boxes, boxes.new_zeros((num_images, missing, 4))], dim=1)
+            scores = torch.cat([scores, scores.new_zeros((num_images, missing))], dim=1)
+        return list(boxes.unbind(0)), list(scores.unbind(0))
+    sizes = read_counts(counts)  # the RPN's host read: proposals per image
+    return [b[:c] for b, c in zip(boxes, sizes)], [s[:c] for s, c in zip(scores, sizes)]
 
 
 def _select_global(
@@ -132,25 +165,18 @@ def _select_global(
     In the normalized frame the clip is to [0, 1]; in pixels, to each image's resized size.
     """
     num_images, total = objectness.shape
+    device = objectness.device
     k = min(config.rpn_pre_nms_top_n, total)
     scores = torch.sigmoid(objectness)  # = softmax over matterport's (bg, fg) pair
     # descending, ties in index order (TensorFlow's top_k), hence a stable sort rather than topk
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    proposals, proposal_scores = [], []
-    for i in range(num_images):
-        idx = order[i]
-        s = scores[i, idx]
-        b = decode_with_config(deltas[i, idx], anchors[idx], config=config, weights=config.rpn_box_weights)
-        b = clip_boxes(b, (1.0, 1.0) if config.box_frame == "normalized" else image_sizes[i])
-        keep = large_enough(b, config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
-        keep &= s >= config.rpn_score_threshold
-        b, s = b[keep], s[keep]
-        keep = batched_nms(b, s, torch.zeros_like(s, dtype=torch.int64), config.rpn_nms_threshold)
-        b, s = b[keep[: config.rpn_post_nms_top_n]], s[keep[: config.rpn_post_nms_top_n]]
-        if config.rpn_pad_proposals and b.shape[0] < config.rpn_post_nms_top_n:
-            missing = config.rpn_post_nms_top_n - b.shape[0]
-            b = torch.cat([b, b.new_zeros((missing, 4))])
-            s = torch.cat([s, s.new_zeros((missing,))])
-        proposals.append(b)
-        proposal_scores.append(s)
-    return proposals, proposal_scores
+    rows = torch.arange(num_images, device=device)[:, None]
+    s = scores[rows, order]
+    b = decode_with_config(
+        deltas[rows, order].reshape(-1, 4), anchors[order].reshape(-1, 4), config=config, weights=config.rpn_box_weights
+    ).view(num_images, k, 4)
+    if config.box_frame == "normalized":
+        b = clip_boxes(b, (1.0, 1.0))
+    else:
+        b = clip_boxes_per_image(b, upload(image_sizes, dtype=torch.float32, device=device))
+    return _nms_and_rank(b, s, rows.expand(num_images, k), config=config)

@@ -62,6 +62,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = [
     "batched_nms",
+    "batched_nms_keep",
+    "batched_nms_keep_reference",
+    "batched_nms_keep_triton",
     "batched_nms_reference",
     "batched_nms_triton",
     "nms_reference",
@@ -154,6 +157,17 @@ def batched_nms_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thr
         kept.append(members[nms_reference(boxes[members], scores[members], iou_threshold)])
     keep = torch.sort(torch.cat(kept)).values  # index order, so ties fall back to input order
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def batched_nms_keep_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Per-group NMS as a keep mask: bool [N], True for the boxes :func:`batched_nms_reference` keeps.
+
+    The fixed-size form of the result: it has the input's length whatever survives, so a
+    caller can rank, cut and batch it without reading a count on the host.
+    """
+    keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    keep[batched_nms_reference(boxes, scores, groups, iou_threshold)] = True
+    return keep
 
 
 # --------------------------------------------------------------------------------------
@@ -416,6 +430,17 @@ def batched_nms_triton(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh
     return by_score[torch.nonzero(keep).squeeze(1)]
 
 
+def batched_nms_keep_triton(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Per-group NMS as a keep mask (bool [N] in input order), in two Triton launches and no
+    host synchronisation at all; same contract as :func:`batched_nms_keep_reference`."""
+    _check_triton_inputs(boxes, scores, groups, iou_threshold, "batched_nms_keep_triton")
+    keep_mask = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    if boxes.shape[0] == 0:
+        return keep_mask
+    keep, by_score = _keep_flags_by_score_rank(boxes, scores, groups, iou_threshold, _default_tiles(boxes.device))
+    return keep_mask.index_put_((by_score,), keep.bool())
+
+
 def nms_triton(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """NMS of one group in Triton; same contract as :func:`nms_reference` (see :func:`batched_nms_triton`)."""
     _check_nms_inputs(boxes, scores, iou_threshold)
@@ -436,4 +461,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     """
     _check_nms_inputs(boxes, scores, iou_threshold)
     fn = batched_nms_triton if (_HAS_TRITON and use_triton(boxes)) else batched_nms_reference
+    return fn(boxes, scores, groups, iou_threshold)
+
+
+def batched_nms_keep(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Per-group NMS as a keep mask, bool [N] in input order: the Triton kernels for CUDA
+    tensors (no host synchronisation), the reference otherwise (see :func:`batched_nms`)."""
+    _check_nms_inputs(boxes, scores, iou_threshold)
+    fn = batched_nms_keep_triton if (_HAS_TRITON and use_triton(boxes)) else batched_nms_keep_reference
     return fn(boxes, scores, groups, iou_threshold)

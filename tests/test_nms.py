@@ -350,3 +350,48 @@ def test_dispatcher_cuda_runs_triton_and_matches():
     keep = batched_nms(boxes, scores, groups, 0.5)
     assert keep.is_cuda
     assert torch.equal(keep.cpu(), batched_nms_reference(boxes.cpu(), scores.cpu(), groups.cpu(), 0.5))
+
+
+# --------------------------------------------------------------------------------------
+# Keep-mask form (fixed size, no host read): the pipeline's NMS
+# --------------------------------------------------------------------------------------
+
+from kernels.nms import batched_nms_keep, batched_nms_keep_reference, batched_nms_keep_triton  # noqa: E402
+
+
+def _expected_mask(boxes, scores, groups, threshold):
+    mask = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    mask[torchvision.ops.batched_nms(boxes.float(), scores, groups, threshold)] = True
+    return mask
+
+
+@pytest.mark.parametrize("n,num_groups", [(0, 1), (1, 1), (37, 1), (100, 5), (130, 2)])
+def test_keep_mask_reference_matches_torchvision(n, num_groups):
+    g = torch.Generator().manual_seed(n)
+    boxes = random_boxes(n, seed=n)
+    scores = torch.rand(n, generator=g)
+    groups = torch.randint(0, num_groups, (n,), generator=g)
+    keep = batched_nms_keep_reference(boxes, scores, groups, 0.5)
+    assert keep.dtype == torch.bool and keep.shape == (n,)
+    assert torch.equal(keep, _expected_mask(boxes, scores, groups, 0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,num_groups", [(0, 1), (1, 1), (65, 3), (100, 5)])
+def test_keep_mask_triton_matches_reference(device, n, num_groups):
+    g = torch.Generator().manual_seed(n + 3)
+    boxes = random_boxes(n, seed=n + 1)
+    scores = torch.rand(n, generator=g)
+    scores[: n // 4] = 0.5  # ties keep input order
+    groups = torch.randint(0, num_groups, (n,), generator=g)
+    keep = batched_nms_keep_triton(boxes.to(device), scores.to(device), groups.to(device), 0.6)
+    assert keep.dtype == torch.bool and keep.device.type == device
+    assert torch.equal(keep.cpu(), batched_nms_keep_reference(boxes, scores, groups, 0.6))
+
+
+def test_keep_mask_dispatcher_uses_the_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(FORCE_TRITON_ENV, raising=False)
+    boxes = random_boxes(20, seed=2)
+    scores = torch.rand(20)
+    groups = torch.zeros(20, dtype=torch.int64)
+    assert torch.equal(batched_nms_keep(boxes, scores, groups, 0.5), batched_nms_keep_reference(boxes, scores, groups, 0.5))

@@ -731,11 +731,38 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# CUDA launch: a [bins, channels] tile of at most 2048 elements over 8 warps, i.e. at most
+# 8 tile elements per thread. Each element holds its accumulator and the four corner values
+# and 64-bit addresses of the current sample, so the register need grows with the elements
+# per thread: 8192-element tiles (32 per thread) needed 255 registers and spilled (issue 11);
+# 2048-element tiles compile to 92-111 registers (roi_align) and 71-79 (crop_and_resize),
+# no spill, 2 blocks of 8 warps per SM (25% theoretical occupancy) on sm_80 and sm_90.
+_CUDA_TILE_ELEMENTS = 2048
+_CUDA_NUM_WARPS = 8
+# Interpreter (TRITON_INTERPRET=1): each program instance costs about 10 ms whatever its
+# size, so the tiles are large (at most 8192 elements, >= 16 channels) to keep the grid small.
+_INTERPRETER_TILE_ELEMENTS = 8192
+_INTERPRETER_MIN_BLOCK_C = 16
+
+
 def _tile(output_size: int, channels: int) -> tuple:
-    """(BLOCK_BINS, BLOCK_C, num_warps) for a [bins, channels] tile of at most 8192 elements."""
+    """CUDA launch (BLOCK_BINS, BLOCK_C, num_warps): a [bins, channels] tile of at most 2048 elements.
+
+    ``BLOCK_C`` is ``2048 // BLOCK_BINS`` channels (fewer when ``channels`` is smaller; at
+    least 1, so only ``output_size > 45`` exceeds the 2048 elements): 32 for 7 x 7 bins,
+    8 for 14 x 14; 8 warps for a full tile, 4 for a smaller one.
+    """
     block_bins = _next_pow2(output_size * output_size)
-    block_c = min(_next_pow2(channels), max(16, 8192 // block_bins))
-    num_warps = 8 if block_bins * block_c >= 8192 else 4
+    block_c = min(_next_pow2(channels), max(1, _CUDA_TILE_ELEMENTS // block_bins))
+    num_warps = _CUDA_NUM_WARPS if block_bins * block_c >= _CUDA_TILE_ELEMENTS else 4
+    return block_bins, block_c, num_warps
+
+
+def _interpreter_tile(output_size: int, channels: int) -> tuple:
+    """(BLOCK_BINS, BLOCK_C, num_warps) under the interpreter: tiles of at most 8192 elements."""
+    block_bins = _next_pow2(output_size * output_size)
+    block_c = min(_next_pow2(channels), max(_INTERPRETER_MIN_BLOCK_C, _INTERPRETER_TILE_ELEMENTS // block_bins))
+    num_warps = 8 if block_bins * block_c >= _INTERPRETER_TILE_ELEMENTS else 4
     return block_bins, block_c, num_warps
 
 
@@ -790,7 +817,8 @@ def multilevel_roi_align_triton(
     level_f32 = torch.tensor(list(scales) + list(_level_area_thresholds(level_rule, dev.type)), dtype=torch.float32).to(dev)
     rois_c = rois.contiguous()
 
-    block_bins, block_c, num_warps = _tile(output_size, C)
+    tile = _tile if dev.type == "cuda" else _interpreter_tile  # see the constants above _tile
+    block_bins, block_c, num_warps = tile(output_size, C)
     grid = (R, triton.cdiv(C, block_c))
     crop = mode == "crop_and_resize"
     _multilevel_roi_align_kernel[grid](

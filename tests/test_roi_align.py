@@ -225,6 +225,42 @@ def test_triton_channel_blocks_and_many_images(device, channels):
     assert_close(actual.cpu(), expected.cpu())
 
 
+@pytest.mark.skipif("cpu" not in DEVICES, reason="needs the Triton interpreter")
+@pytest.mark.parametrize(
+    "output_size, mode, sampling_ratio, aligned",
+    [
+        (7, "roi_align", 2, False),
+        (14, "roi_align", 2, False),
+        (7, "roi_align", 0, True),
+        (14, "roi_align", 0, True),
+        (7, "crop_and_resize", 0, False),
+        (14, "crop_and_resize", 0, False),
+    ],
+)
+def test_cuda_tile_under_interpreter(monkeypatch, output_size, mode, sampling_ratio, aligned):
+    """The CUDA launch tile (``_tile``, smaller than the interpreter's) gives bit-identical results."""
+    from kernels import roi_align as ra
+
+    bins, block_c, _ = ra._tile(output_size, 256)
+    channels = block_c + block_c // 2 + 1  # two CUDA channel blocks, the second one partial
+    image_hw = (96, 128)
+    feats = fpn_features(2, channels, image_hw)
+    boxes = [random_boxes(2, image_hw, max_side=300.0) for _ in range(2)]
+    rule = TORCHVISION
+    if mode == "crop_and_resize":  # normalized boxes, matterport's rule in that frame
+        boxes = [b / torch.tensor([image_hw[1] - 1, image_hw[0] - 1] * 2, dtype=torch.float32) for b in boxes]
+        rule = LevelRule(canonical_size=224.0 / math.sqrt(image_hw[0] * image_hw[1]), rounding="round")
+    rois = to_rois(boxes)
+    kw = dict(output_size=output_size, spatial_scales=SCALES, sampling_ratio=sampling_ratio, aligned=aligned,
+              level_rule=rule, mode=mode)
+    with_interpreter_tile = multilevel_roi_align_triton(feats, rois, **kw)
+    assert ra._interpreter_tile(output_size, channels)[1] >= channels  # one channel block there
+    monkeypatch.setattr(ra, "_interpreter_tile", ra._tile)
+    with_cuda_tile = multilevel_roi_align_triton(feats, rois, **kw)
+    assert torch.equal(with_cuda_tile, with_interpreter_tile)
+    assert_close(with_cuda_tile, multilevel_roi_align_reference(feats, rois, **kw))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fn", [multilevel_roi_align_triton, multilevel_roi_align_reference, multilevel_roi_align])
 def test_empty_rois(device, fn):

@@ -782,3 +782,36 @@ def test_dispatcher_passes_method(monkeypatch):
     monkeypatch.setenv("ENGINE_FORCE_REFERENCE", "1")
     outs = paste_masks(masks, boxes, [2], [(20, 30)], threshold=None, method="grid_sample")
     assert torch.equal(outs[0], grid_sample_oracle(masks, boxes, [2], [(20, 30)])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA launch tile under the interpreter (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif("cpu" not in TRITON_DEVICES, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("crop", [False, True])
+@pytest.mark.parametrize("method, m", [("torchvision", 28), ("grid_sample", 7)])
+def test_cuda_tile_under_interpreter(monkeypatch, method, m, crop):
+    """The CUDA launch tile (``_tile``, shorter than the interpreter's) gives bit-identical results."""
+    block_h, block_w, _ = pm._tile()
+    assert pm._interpreter_tile()[0] > block_h  # the test must actually change the tile
+    # Several row bands and column chunks of both tiles; one box with h + w > 128 (torch's
+    # large-output CPU path for "torchvision"), others partly outside the image.
+    counts, sizes = [3, 2], [(70, 140), (2 * block_h + 3, block_w + 5)]
+    masks, boxes = random_batch(counts, sizes, m, seed=11, outside=0.3)
+    boxes[0] = torch.tensor([-20.0, -10.0, 150.0, 75.0])
+    for threshold in (None, 0.5):
+        kw = dict(threshold=threshold, crop=crop, method=method)
+        with_interpreter_tile = paste_masks_triton(masks, boxes, counts, sizes, **kw)
+        with monkeypatch.context() as mp:
+            mp.setattr(pm, "_interpreter_tile", pm._tile)
+            with_cuda_tile = paste_masks_triton(masks, boxes, counts, sizes, **kw)
+        reference = paste_masks_reference(masks, boxes, counts, sizes, **kw)
+        for cuda_out, interp_out, ref_out in zip(with_cuda_tile, with_interpreter_tile, reference):
+            if crop:
+                (cuda_out, cuda_table), (interp_out, interp_table), (ref_out, ref_table) = cuda_out, interp_out, ref_out
+                assert torch.equal(cuda_table, interp_table) and torch.equal(cuda_table, ref_table)
+            assert cuda_out.dtype == interp_out.dtype == ref_out.dtype
+            assert torch.equal(cuda_out, interp_out)
+            assert torch.equal(cuda_out, ref_out)  # the interpreter is bit-identical to torch's CPU kernels

@@ -3,7 +3,10 @@
 Detection post-processing reproduces torchvision's ``RoIHeads.postprocess_detections``:
 class-specific decoding with weights (10, 10, 5, 5), softmax, clipping to the resized
 image, dropping the background column, score > threshold, both sides >= min size,
-per-class NMS, and the best ``detections_per_image``.
+per-class NMS, and the best ``detections_per_image``. The batch is processed at once: one
+NMS launch over the candidates of every image (groups per image and class), and a per-image
+ranking (:func:`engine.ragged.segment_rank_kept`); two host reads (candidate compaction,
+detections per image) whatever the batch size.
 
 With ``detection_rule="argmax"`` it reproduces matterport's ``refine_detections_graph``: each
 proposal keeps only its most probable class (background included) and that class's box; boxes

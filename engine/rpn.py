@@ -5,6 +5,11 @@ per level, top-k on the raw objectness logits; sigmoid; clip to the resized imag
 drop boxes with a side < ``rpn_min_size``; drop scores < ``rpn_score_threshold``;
 NMS per level; keep the best ``rpn_post_nms_top_n`` of the image.
 
+The whole batch is selected at once on fixed-size [B, N] tensors: the filters give a validity
+mask, one NMS launch covers every (image, level) group (:func:`kernels.nms.batched_nms_keep`),
+and :func:`engine.ragged.rank_kept` ranks the kept ones per image; the lists per image are cut
+after one host read of their lengths.
+
 With ``rpn_selection="global"`` it reproduces matterport's ``ProposalLayer`` instead: top-k of
 the foreground probabilities over all levels at once (ties in anchor order, as TensorFlow's
 ``top_k``), decoding, clipping to the whole padded image ([0, 1] in the normalized frame), one

@@ -53,6 +53,14 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", 
 # --- timing -------------------------------------------------------------------------------------
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -422,6 +430,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and args.fast_precision == "bf16" and not _cpu_has_fast_bf16():
+        print(
+            "warning: this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): the engine bf16 rows run "
+            "bf16 convolutions on a reference path and take far longer than fp32",
+            file=sys.stderr,
+        )
     from checkpoints import make_torchvision_maskrcnn
 
     size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}

@@ -135,6 +135,7 @@ class MaskRCNN(nn.Module):
         self.spec = spec
         self.config = config
         self.precision = precision
+        self.autocast_cache = True  # False while the dense part runs from CUDA graphs
         self.backbone = Backbone(
             block=spec.block,
             blocks_per_stage=spec.blocks_per_stage,
@@ -161,7 +162,8 @@ class MaskRCNN(nn.Module):
         """Autocast for the convolutional and fully connected parts, or nothing in fp32 mode."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision])
+        # CUDA-graph capture needs the cast weights made inside the graph, not cached across it
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision], cache_enabled=self.autocast_cache)
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -174,11 +176,27 @@ class MaskRCNN(nn.Module):
         with self._network_precision(images.device):
             return self.backbone(images)
 
-    def proposals(self, features: list[Tensor], batch: ImageBatch) -> tuple[list[Tensor], list[Tensor]]:
-        """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i]."""
-        cfg = self.config
+    def rpn_head(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level the RPN's objectness logits [B, A, h, w] and deltas [B, 4A, h, w]."""
         with self._network_precision(features[0].device):
-            logits, deltas = self.rpn.head(features)
+            return self.rpn.head(features)
+
+    def dense_outputs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The dense part of the network on a padded batch tensor: FPN features, RPN logits and
+        deltas. It reads no device data on the host (what :mod:`engine.cuda_graphs` captures)."""
+        features = self.features(ImageBatch(tensor=images, image_sizes=[], original_sizes=[], offsets=[]))
+        logits, deltas = self.rpn_head(features)
+        return features, logits, deltas
+
+    def proposals(
+        self, features: list[Tensor], batch: ImageBatch, *, head_outputs: tuple[list[Tensor], list[Tensor]] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i].
+
+        ``head_outputs``: the RPN head's (logits, deltas) when already computed (:meth:`dense_outputs`).
+        """
+        cfg = self.config
+        logits, deltas = self.rpn_head(features) if head_outputs is None else head_outputs
         logits, deltas = [t.float() for t in logits], [t.float() for t in deltas]
         objectness, flat_deltas, per_level = flatten_levels(logits, deltas)
         padded = tuple(batch.tensor.shape[-2:])

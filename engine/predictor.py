@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from engine.config import MaskRCNNConfig
+from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
 from engine.model import image_windows
 from engine.postprocess import MASK_FORMATS, to_original_frame
@@ -73,6 +74,9 @@ class Predictor:
             each mask kept only inside its pasted box, expanded on demand; for very large images
             or many detections).
         max_chunk_bytes: paste at most this many output bytes per launch (default: from free memory).
+        cuda_graph: replay the dense part of the network (backbone, FPN, RPN head) from CUDA graphs,
+            one captured per input shape (:mod:`engine.cuda_graphs`); the results are the eager
+            ones. CUDA only: on CPU it is a ValueError.
     """
 
     def __init__(
@@ -89,12 +93,17 @@ class Predictor:
         mask_threshold: float | None = None,
         mask_format: str = "full",
         max_chunk_bytes: int | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {', '.join(map(repr, MASK_FORMATS))}; got {mask_format!r}")
         self.mask_format = mask_format
         self.max_chunk_bytes = max_chunk_bytes
         self.device = resolve_device(device)
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True captures CUDA graphs and needs device='cuda'; got device={str(self.device)!r}")
         from weights import build_model, load_checkpoint  # weights builds engine modules: import it late
 
         checkpoint = load_checkpoint(weights, family=family)
@@ -111,6 +120,10 @@ class Predictor:
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
         if precision != "fp32" and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._graphed = None
+        if cuda_graph:
+            self.model.autocast_cache = False
+            self._graphed = GraphedDenseNetwork(self.model.dense_outputs)
 
     @property
     def num_classes(self) -> int:
@@ -146,8 +159,12 @@ class Predictor:
             return []
         batch = preprocess(images, config=self.config, device=self.device)
         model = self.model
-        features = model.features(batch)
-        proposals, _ = model.proposals(features, batch)
+        if self._graphed is not None:
+            features, logits, deltas = self._graphed(batch.tensor)
+            proposals, _ = model.proposals(features, batch, head_outputs=(logits, deltas))
+        else:
+            features = model.features(batch)
+            proposals, _ = model.proposals(features, batch)
         detections = model.detect(features, proposals, batch)
         mask_probs = model.mask_probabilities(features, detections, batch)
         return to_original_frame(

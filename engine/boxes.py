@@ -123,6 +123,16 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
 
 
+def clip_boxes_per_row(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """:func:`clip_boxes` with one (h, w) per leading index: boxes [L, ..., 4], sizes float32 [L, 2]
+    (a batch's images, or the image of each row); equal to clamping each row with its own size."""
+    bound = (-1,) + (1,) * (boxes.dim() - 1)
+    height, width = sizes[:, 0].reshape(bound), sizes[:, 1].reshape(bound)
+    x = torch.minimum(boxes[..., 0::2].clamp(min=0), width)
+    y = torch.minimum(boxes[..., 1::2].clamp(min=0), height)
+    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
+
+
 def clip_to_window(boxes: Tensor, window: tuple[float, float, float, float]) -> Tensor:
     """Clamp x to [x1, x2] and y to [y1, y2] of ``window`` (x1, y1, x2, y2); matterport's ``clip_boxes_graph``."""
     x1, y1, x2, y2 = (float(v) for v in window)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.boxes import large_enough
+from engine.boxes import clip_boxes_per_row, large_enough
 from engine.ragged import image_of_row, read_counts, segment_rank_kept, upload
 from engine.config import MaskRCNNConfig
 from engine.results import BoxMasks, Detections
@@ -255,11 +255,7 @@ def _boxes_in_input_frame(detections, mask_probs, *, image_sizes, original_sizes
         ratios = upload(_frame_ratios(image_sizes, original_sizes, config.rescale_style), dtype=torch.float32, device=device)
         boxes = _rescale_rows(flat, ratios[images], config.rescale_style)
         if config.clip_boxes_to_original:  # Detectron2's detector_postprocess
-            sizes = upload(original_sizes, dtype=torch.float32, device=device)[images]
-            height, width = sizes[:, 0:1], sizes[:, 1:2]
-            x = torch.minimum(boxes[:, 0::2].clamp(min=0), width)
-            y = torch.minimum(boxes[:, 1::2].clamp(min=0), height)
-            boxes = torch.stack((x, y), dim=2).reshape(boxes.shape)
+            boxes = clip_boxes_per_row(boxes, upload(original_sizes, dtype=torch.float32, device=device)[images])
             keep = large_enough(boxes, 0.0, inclusive=False)
     if keep is None:
         return detections, mask_probs, list(boxes.split(counts))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbone import ConvNorm
-from engine.boxes import decode_with_config, large_enough
+from engine.boxes import clip_boxes_per_row, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
 from engine.ragged import image_of_row, read_counts, segment_rank_kept, segment_sizes, upload
 from kernels.nms import batched_nms_keep
@@ -164,10 +164,7 @@ def postprocess_detections(
     device = class_logits.device
     row_image = image_of_row(counts, device)
     sizes = upload(image_sizes, dtype=torch.float32, device=device)[row_image]  # [R, 2] (h, w)
-    height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
-    x = torch.minimum(boxes_all[..., 0::2].clamp(min=0), width)
-    y = torch.minimum(boxes_all[..., 1::2].clamp(min=0), height)
-    boxes = torch.stack((x, y), dim=3).reshape(boxes_all.shape)[:, box_fg].reshape(-1, 4)
+    boxes = clip_boxes_per_row(boxes_all, sizes)[:, box_fg].reshape(-1, 4)
     scores = scores_all[:, fg]
     labels = labels_fg.view(1, -1).expand_as(scores).reshape(-1)
     images = row_image[:, None].expand_as(scores).reshape(-1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.boxes import clip_boxes, decode_with_config, large_enough
+from engine.boxes import clip_boxes, clip_boxes_per_row, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
 from engine.ragged import rank_kept, read_counts, upload
 from kernels.nms import batched_nms_keep
@@ -117,18 +117,10 @@ def select_proposals(
         config=config,
         weights=config.rpn_box_weights,
     ).view(num_images, -1, 4)
-    boxes = clip_boxes_per_image(boxes, upload(image_sizes, dtype=torch.float32, device=device))
+    boxes = clip_boxes_per_row(boxes, upload(image_sizes, dtype=torch.float32, device=device))
     # one NMS for the batch: a group per (image, level); entries filtered out share a spare group
     groups = rows * len(anchors_per_level) + levels[None, :]
     return _nms_and_rank(boxes, scores, groups, config=config)
-
-
-def clip_boxes_per_image(boxes: Tensor, sizes: Tensor) -> Tensor:
-    """:func:`engine.boxes.clip_boxes` with one (h, w) per image: boxes [B, N, 4], sizes float32 [B, 2]."""
-    height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
-    x = torch.minimum(boxes[..., 0::2].clamp(min=0), width)
-    y = torch.minimum(boxes[..., 1::2].clamp(min=0), height)
-    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
 
 
 def _nms_and_rank(boxes: Tensor, scores: Tensor, groups: Tensor, *, config: MaskRCNNConfig):
@@ -183,5 +175,5 @@ def _select_global(
     if config.box_frame == "normalized":
         b = clip_boxes(b, (1.0, 1.0))
     else:
-        b = clip_boxes_per_image(b, upload(image_sizes, dtype=torch.float32, device=device))
+        b = clip_boxes_per_row(b, upload(image_sizes, dtype=torch.float32, device=device))
     return _nms_and_rank(b, s, rows.expand(num_images, k), config=config)

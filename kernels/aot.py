@@ -228,6 +228,24 @@ _NMS_GREEDY_SIGNATURE = {
     "num_words": "i32",
 }
 
+_SEGMENTED_NMS_MASK_SIGNATURE = {
+    "boxes_ptr": "*fp32",
+    "counts_ptr": "*i32",
+    "mask_ptr": "*i64",
+    "S": "i32",
+    "num_words": "i32",
+    "iou_threshold": "fp32",
+}
+_SEGMENTED_NMS_GREEDY_SIGNATURE = {
+    "mask_ptr": "*i64",
+    "counts_ptr": "*i32",
+    "removed_ptr": "*i64",
+    "keep_ptr": "*i8",
+    "G": "i32",
+    "S": "i32",
+    "num_words": "i32",
+}
+
 
 def _pointers(signature: dict) -> tuple:
     return tuple(k for k, v in signature.items() if v.startswith("*"))
@@ -338,7 +356,7 @@ def kernel_specs(*, channels: int = 256, presets=None, int_variants: bool = Fals
             divisible=_pointers(_NMS_MASK_SIGNATURE),
             options=dict(num_warps=tiles.mask_warps, enable_fp_fusion=False),
         ),
-        "every preset (RPN and detections)",
+        "batched_nms (public API)",
     )
     add(
         KernelSpec(
@@ -353,7 +371,35 @@ def kernel_specs(*, channels: int = 256, presets=None, int_variants: bool = Fals
             divisible=_pointers(_NMS_GREEDY_SIGNATURE),
             options=dict(num_warps=tiles.greedy_warps),  # the launcher leaves enable_fp_fusion at its default
         ),
-        "every preset (RPN and detections)",
+        "batched_nms (public API)",
+    )
+    add(
+        KernelSpec(
+            name="segmented_nms_mask",
+            family="nms",
+            module="kernels.nms",
+            kernel="_segmented_nms_mask_kernel",
+            signature=dict(_SEGMENTED_NMS_MASK_SIGNATURE),
+            constexprs=dict(BLOCK_ROWS=tiles.block_rows, BLOCK_WORDS=tiles.block_words),
+            divisible=_pointers(_SEGMENTED_NMS_MASK_SIGNATURE),
+            options=dict(num_warps=tiles.mask_warps, enable_fp_fusion=False),
+        ),
+        "every preset (RPN and detections, the engine's NMS)",
+    )
+    add(
+        KernelSpec(
+            name="segmented_nms_greedy",
+            family="nms",
+            module="kernels.nms",
+            kernel="_segmented_nms_greedy_kernel",
+            signature=dict(_SEGMENTED_NMS_GREEDY_SIGNATURE),
+            constexprs=dict(
+                SEGMENTS_PER_PROGRAM=tiles.segments_per_program, PROPAGATE_WORDS=tiles.propagate_words
+            ),
+            divisible=_pointers(_SEGMENTED_NMS_GREEDY_SIGNATURE),
+            options=dict(num_warps=tiles.greedy_warps),
+        ),
+        "every preset (RPN and detections, the engine's NMS)",
     )
     out = list(specs.values())
     if int_variants:

@@ -36,6 +36,15 @@ for a whole batch, all on the device:
 
 The bitmask takes ``N * ceil(N / 64)`` int64 words (8 bytes each), like
 torchvision's CUDA ``nms`` for one call: 12.5 MB for N = 10,000, 1.25 GB for N = 100,000.
+
+Segmented form (:func:`segmented_nms_keep`), what the engine runs: the candidates of a batch
+come as G fixed-size segments ``[G, S]`` (an image's FPN level, or an image's class) with a
+validity mask, and the result is a keep mask of the same shape. Each segment is sorted on
+the device (valid entries first, by descending score, ties in column order), and the bitmask
+is relative to the segment: ``G * S * ceil(S / 64)`` words, so a batch of 8 images with 80
+classes x 1,000 proposals needs 82 MB where one flat launch over the same 640,000 boxes would
+need 51 GB. No count reaches the host: the kernels read each segment's number of valid
+entries on the device and skip the rest.
 """
 
 from __future__ import annotations
@@ -69,6 +78,9 @@ __all__ = [
     "batched_nms_triton",
     "nms_reference",
     "nms_triton",
+    "segmented_nms_keep",
+    "segmented_nms_keep_reference",
+    "segmented_nms_keep_triton",
 ]
 
 
@@ -449,6 +461,233 @@ def nms_triton(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Segmented NMS: fixed-size segments, bitmask relative to each segment
+# --------------------------------------------------------------------------------------
+
+
+def _check_segmented_inputs(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> None:
+    if not isinstance(boxes, Tensor) or boxes.dim() != 3 or boxes.shape[2] != 4:
+        raise ValueError(f"boxes must be a float tensor [G, S, 4] (x1 y1 x2 y2 per segment); got {_describe(boxes)}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"boxes must be floating point; got {boxes.dtype}")
+    for label, t in (("scores", scores), ("valid", valid)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(boxes.shape[:2]):
+            raise ValueError(f"{label} must be a tensor [G, S] matching boxes {tuple(boxes.shape)}; got {_describe(t)}")
+        if t.device != boxes.device:
+            raise ValueError(f"{label} is on {t.device} but boxes are on {boxes.device}; they must share a device")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor; got {valid.dtype}")
+    if not 0.0 <= float(iou_threshold) <= 1.0:
+        raise ValueError(f"iou_threshold must lie in [0, 1]; got {iou_threshold}")
+
+
+def segmented_nms_keep_reference(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each row (segment) of a fixed-size batch, over its valid entries only.
+
+    Args:
+        boxes: float [G, S, 4], x1 y1 x2 y2; segment ``g`` holds ``boxes[g]``.
+        scores: float [G, S]; valid entries must not be NaN or -inf.
+        valid: bool [G, S]; invalid entries are never kept and never suppress.
+        iou_threshold: as in :func:`nms_reference`.
+
+    Returns:
+        bool [G, S]: True for the kept entries. Equal to :func:`batched_nms_keep_reference`
+        over the valid entries with the segment index as group (within a segment: descending
+        score, ties in column order).
+    """
+    _check_segmented_inputs(boxes, scores, valid, iou_threshold)
+    num_segments, size = scores.shape
+    keep = torch.zeros(num_segments * size, dtype=torch.bool, device=boxes.device)
+    index = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    if index.numel():
+        kept = batched_nms_reference(
+            boxes.reshape(-1, 4)[index], scores.reshape(-1)[index], torch.div(index, size, rounding_mode="floor"),
+            iou_threshold,
+        )
+        keep[index[kept]] = True
+    return keep.view(num_segments, size)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _segmented_nms_mask_kernel(
+        boxes_ptr,  # float32 [G, S, 4]: each segment's live boxes first, by descending score
+        counts_ptr,  # int32 [G]: live boxes per segment
+        mask_ptr,  # int64 [G, S, num_words] (out): bit b of word w of row i <=> i suppresses box 64 w + b
+        S,
+        num_words,  # ceil(S / 64)
+        iou_threshold,  # float32
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_WORDS: tl.constexpr,
+    ):
+        """One program: segment ``program_id(0)``, rows ``[BLOCK_ROWS]`` x columns ``[BLOCK_WORDS, 64]``.
+
+        Positions are relative to the segment, so the bitmask is ``S / 64`` words per box
+        whatever the number of segments. Words start at the diagonal of the block's first
+        row (columns before it hold only boxes j < i); tiles past the segment's live boxes
+        write nothing, and the greedy pass never reads them.
+        """
+        segment = tl.program_id(0)
+        first_row = tl.program_id(1) * BLOCK_ROWS
+        first_word = first_row // 64 + tl.program_id(2) * BLOCK_WORDS
+        first_col = first_word * 64
+        count = tl.load(counts_ptr + segment)
+        if (first_row < count) & (first_col < count):
+            base = segment.to(tl.int64) * S
+            rows = first_row + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < count
+            words = first_word + tl.arange(0, BLOCK_WORDS)
+            bit = tl.arange(0, 64)
+            cols = words[:, None] * 64 + bit[None, :]  # [BLOCK_WORDS, 64]
+            col_ok = cols < count
+
+            row_ptr = boxes_ptr + (base + rows) * 4
+            col_ptr = boxes_ptr + (base + cols) * 4
+            # lanes past the live boxes read the unit box [0, 0, 1, 1] (no 0 / 0); masked below
+            row_x1 = tl.load(row_ptr + 0, mask=row_ok, other=0.0)
+            row_y1 = tl.load(row_ptr + 1, mask=row_ok, other=0.0)
+            row_x2 = tl.load(row_ptr + 2, mask=row_ok, other=1.0)
+            row_y2 = tl.load(row_ptr + 3, mask=row_ok, other=1.0)
+            col_x1 = tl.load(col_ptr + 0, mask=col_ok, other=0.0)
+            col_y1 = tl.load(col_ptr + 1, mask=col_ok, other=0.0)
+            col_x2 = tl.load(col_ptr + 2, mask=col_ok, other=1.0)
+            col_y2 = tl.load(col_ptr + 3, mask=col_ok, other=1.0)
+
+            row_area = (row_x2 - row_x1) * (row_y2 - row_y1)
+            col_area = (col_x2 - col_x1) * (col_y2 - col_y1)
+            inter_w = tl.minimum(row_x2[:, None, None], col_x2[None, :, :]) - tl.maximum(
+                row_x1[:, None, None], col_x1[None, :, :]
+            )
+            inter_h = tl.minimum(row_y2[:, None, None], col_y2[None, :, :]) - tl.maximum(
+                row_y1[:, None, None], col_y1[None, :, :]
+            )
+            inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+            union = (row_area[:, None, None] + col_area[None, :, :]) - inter
+            iou = tl.math.div_rn(inter, union)
+            suppresses = (iou > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & col_ok[None, :, :]
+            bit_value = tl.full([64], 1, tl.int64) << bit.to(tl.int64)  # bit 63 is the sign bit
+            # distinct powers of two: their sum is their bitwise OR (no carries, no overflow)
+            word_bits = tl.sum(tl.where(suppresses, bit_value[None, None, :], 0), axis=2)
+            dst = mask_ptr + (base + rows)[:, None] * num_words + words[None, :]
+            tl.store(dst, word_bits, mask=row_ok[:, None] & (words < num_words)[None, :])
+
+    @triton.jit
+    def _segmented_nms_greedy_kernel(
+        mask_ptr,  # int64 [G, S, num_words] from _segmented_nms_mask_kernel
+        counts_ptr,  # int32 [G]
+        removed_ptr,  # int64 [G, num_words] zeros (scratch)
+        keep_ptr,  # int8 [G, S] zeros (out), by sorted position
+        G,
+        S,
+        num_words,
+        SEGMENTS_PER_PROGRAM: tl.constexpr,
+        PROPAGATE_WORDS: tl.constexpr,
+    ):
+        """Greedy NMS over segments ``[pid * SEGMENTS_PER_PROGRAM, ...)``, as in
+        ``_nms_greedy_kernel``: a scalar chain per 64-box word, then the kept rows OR-ed into
+        the segment's later removed words. Only the segment's live words are visited."""
+        first_segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM
+        end_segment = tl.minimum(first_segment + SEGMENTS_PER_PROGRAM, G)
+        bit = tl.arange(0, 64)
+        one = tl.full([], 1, tl.int64)
+        for segment in range(first_segment, end_segment):
+            count = tl.load(counts_ptr + segment)
+            segment_64 = tl.full([], 0, tl.int64) + segment  # the loop index is a plain int in the interpreter
+            base = segment_64 * S
+            scratch_base = segment_64 * num_words
+            end_word = (count + 63) // 64
+            for word in range(0, end_word):
+                removed_word = tl.load(removed_ptr + scratch_base + word)
+                kept_bits = tl.zeros_like(removed_word)
+                for b in tl.static_range(64):
+                    box = word * 64 + b
+                    live = box < count
+                    row_word = tl.load(mask_ptr + (base + box) * num_words + word, mask=live, other=0)
+                    kept = live & (((removed_word >> b) & 1) == 0)
+                    removed_word = removed_word | tl.where(kept, row_word, 0)
+                    kept_bits = kept_bits | tl.where(kept, one << b, 0)
+
+                word_boxes = word * 64 + bit
+                tl.store(keep_ptr + base + word_boxes, ((kept_bits >> bit) & 1).to(tl.int8), mask=word_boxes < count)
+
+                for later_word in range(word + 1, end_word, PROPAGATE_WORDS):
+                    later = later_word + tl.arange(0, PROPAGATE_WORDS)
+                    later_ok = later < end_word
+                    suppressed = tl.zeros([PROPAGATE_WORDS], tl.int64)
+                    for b in tl.static_range(64):
+                        row_kept = ((kept_bits >> b) & 1) != 0
+                        row = mask_ptr + (base + word * 64 + b) * num_words + later
+                        suppressed = suppressed | tl.load(row, mask=later_ok & row_kept, other=0)
+                    scratch = removed_ptr + scratch_base + later
+                    previous = tl.load(scratch, mask=later_ok, other=0)
+                    tl.store(scratch, previous | suppressed, mask=later_ok)
+                tl.debug_barrier()
+
+
+def segmented_nms_keep_triton(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """:func:`segmented_nms_keep_reference` in two Triton launches, with no host synchronisation.
+
+    Each segment is sorted on the device (valid entries first, by descending score, ties in
+    column order); the bitmask is ``G * S * ceil(S / 64)`` int64 words: 10 MB for 80 classes
+    x 1,000 proposals of one image, against 800 MB for the same boxes in one flat
+    :func:`batched_nms_keep_triton`. Runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    _check_segmented_inputs(boxes, scores, valid, iou_threshold)
+    if not _HAS_TRITON:
+        raise RuntimeError("segmented_nms_keep_triton needs the `triton` package; use segmented_nms_keep_reference")
+    if boxes.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"segmented_nms_keep_triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); got {boxes.device}"
+        )
+    return _segmented_keep(boxes, scores, valid, iou_threshold, _default_tiles(boxes.device))
+
+
+def _segmented_keep(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, tiles: _NmsTiles) -> Tensor:
+    """The sort and both launches of :func:`segmented_nms_keep_triton`, with explicit tiles."""
+    num_segments, size = scores.shape
+    dev = boxes.device
+    if num_segments * size == 0:
+        return torch.zeros((num_segments, size), dtype=torch.bool, device=dev)
+    # valid scores are finite or +inf, so -inf puts the invalid ones last; stable: ties in column order
+    ranked = torch.where(valid, scores.to(torch.float32), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    sorted_boxes = torch.gather(boxes.to(torch.float32), 1, order[..., None].expand(num_segments, size, 4)).contiguous()
+    counts = valid.sum(dim=1, dtype=torch.int32)
+    num_words = triton.cdiv(size, _BITS_PER_WORD)
+    mask = torch.empty((num_segments, size, num_words), dtype=torch.int64, device=dev)
+    removed = torch.zeros((num_segments, num_words), dtype=torch.int64, device=dev)
+    keep_sorted = torch.zeros((num_segments, size), dtype=torch.int8, device=dev)
+    grid = (num_segments, triton.cdiv(size, tiles.block_rows), triton.cdiv(num_words, tiles.block_words))
+    _segmented_nms_mask_kernel[grid](
+        sorted_boxes,
+        counts,
+        mask,
+        size,
+        num_words,
+        float(iou_threshold),
+        BLOCK_ROWS=tiles.block_rows,
+        BLOCK_WORDS=tiles.block_words,
+        num_warps=tiles.mask_warps,
+        enable_fp_fusion=False,
+    )
+    _segmented_nms_greedy_kernel[(triton.cdiv(num_segments, tiles.segments_per_program),)](
+        mask,
+        counts,
+        removed,
+        keep_sorted,
+        num_segments,
+        size,
+        num_words,
+        SEGMENTS_PER_PROGRAM=tiles.segments_per_program,
+        PROPAGATE_WORDS=tiles.propagate_words,
+        num_warps=tiles.greedy_warps,
+    )
+    keep = torch.zeros((num_segments, size), dtype=torch.bool, device=dev)
+    return keep.scatter_(1, order, keep_sorted.bool())
+
+
+# --------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------
 
@@ -470,3 +709,12 @@ def batched_nms_keep(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshol
     _check_nms_inputs(boxes, scores, iou_threshold)
     fn = batched_nms_keep_triton if (_HAS_TRITON and use_triton(boxes)) else batched_nms_keep_reference
     return fn(boxes, scores, groups, iou_threshold)
+
+
+def segmented_nms_keep(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each fixed-size segment, bool [G, S] keep mask: the Triton kernels for CUDA
+    tensors (no host synchronisation), the reference otherwise (see :func:`batched_nms`).
+    Contract: :func:`segmented_nms_keep_reference`."""
+    _check_segmented_inputs(boxes, scores, valid, iou_threshold)
+    fn = segmented_nms_keep_triton if (_HAS_TRITON and use_triton(boxes)) else segmented_nms_keep_reference
+    return fn(boxes, scores, valid, iou_threshold)

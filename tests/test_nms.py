@@ -395,3 +395,115 @@ def test_keep_mask_dispatcher_uses_the_reference_on_cpu(monkeypatch):
     scores = torch.rand(20)
     groups = torch.zeros(20, dtype=torch.int64)
     assert torch.equal(batched_nms_keep(boxes, scores, groups, 0.5), batched_nms_keep_reference(boxes, scores, groups, 0.5))
+
+
+# --------------------------------------------------------------------------------------
+# Segmented NMS (fixed-size segments with validity masks)
+# --------------------------------------------------------------------------------------
+
+from kernels.nms import segmented_nms_keep, segmented_nms_keep_reference, segmented_nms_keep_triton  # noqa: E402
+
+
+def segmented_case(num_segments, size, *, seed, valid_fraction=0.7, tie=False):
+    """Clustered boxes (so that NMS suppresses), scores with optional ties, a random validity mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_segments * size
+    centres = torch.rand(max(n // 6, 1), 2, generator=g) * 60
+    pick = torch.randint(0, len(centres), (n,), generator=g)
+    xy = centres[pick] + torch.randn(n, 2, generator=g) * 3
+    wh = 8 + torch.rand(n, 2, generator=g) * 10
+    boxes = torch.cat([xy, xy + wh], 1).view(num_segments, size, 4)
+    scores = torch.rand(num_segments, size, generator=g)
+    if tie:
+        scores = (scores * 4).floor() / 4  # four distinct values: many ties
+    valid = torch.rand(num_segments, size, generator=g) < valid_fraction
+    return boxes, scores, valid
+
+
+def segments_by_torchvision(boxes, scores, valid, threshold):
+    """Oracle: torchvision's batched_nms over the valid entries, segment index as group."""
+    num_segments, size = scores.shape
+    index = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    kept = torchvision.ops.batched_nms(
+        boxes.reshape(-1, 4)[index], scores.reshape(-1)[index], index // size, threshold
+    )
+    keep = torch.zeros(num_segments * size, dtype=torch.bool)
+    keep[index[kept]] = True
+    return keep.view(num_segments, size)
+
+
+@pytest.mark.parametrize(
+    "num_segments,size", [(0, 5), (3, 0), (1, 1), (4, 17), (2, 64), (3, 65), (5, 130)], ids=str
+)
+@pytest.mark.parametrize("tie", [False, True], ids=["distinct", "ties"])
+def test_segmented_reference_matches_torchvision(num_segments, size, tie):
+    boxes, scores, valid = segmented_case(num_segments, size, seed=size + num_segments, tie=tie)
+    keep = segmented_nms_keep_reference(boxes, scores, valid, 0.5)
+    assert keep.dtype == torch.bool and keep.shape == (num_segments, size)
+    assert torch.equal(keep, segments_by_torchvision(boxes, scores, valid, 0.5))
+    assert not (keep & ~valid).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "num_segments,size,valid_fraction",
+    [(1, 1, 1.0), (3, 17, 0.7), (2, 65, 0.9), (2, 130, 0.8), (3, 40, 0.0), (1, 70, 1.0)],
+    ids=str,
+)
+@pytest.mark.parametrize("tie", [False, True], ids=["distinct", "ties"])
+def test_segmented_triton_matches_reference(device, num_segments, size, valid_fraction, tie):
+    boxes, scores, valid = segmented_case(num_segments, size, seed=7 * size, valid_fraction=valid_fraction, tie=tie)
+    copies = boxes.clone(), scores.clone(), valid.clone()
+    keep = segmented_nms_keep_triton(boxes.to(device), scores.to(device), valid.to(device), 0.5).cpu()
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, 0.5))
+    assert all(torch.equal(a, b) for a, b in zip((boxes, scores, valid), copies))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_triton_invalid_entries_never_suppress(device):
+    """An invalid box with the top score over a valid one: the valid one stays."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]])
+    scores = torch.tensor([[0.9, 0.5, 0.4]])
+    valid = torch.tensor([[False, True, True]])
+    keep = segmented_nms_keep_triton(boxes.to(device), scores.to(device), valid.to(device), 0.5).cpu()
+    assert keep.tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_triton_empty_and_degenerate(device):
+    assert segmented_nms_keep_triton(torch.zeros(0, 4, 4), torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), 0.5).shape == (0, 4)
+    boxes = torch.tensor([[[0.0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 5, 5]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    keep = segmented_nms_keep_triton(boxes.to(device), scores.to(device), valid.to(device), 0.5).cpu()
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, 0.5))
+    assert keep.tolist() == [[True, True, True]]
+
+
+def test_segmented_input_errors():
+    boxes, scores, valid = segmented_case(2, 5, seed=0)
+    with pytest.raises(ValueError, match=r"boxes must be a float tensor \[G, S, 4\]"):
+        segmented_nms_keep_reference(boxes[..., :3], scores, valid, 0.5)
+    with pytest.raises(ValueError, match=r"scores must be a tensor \[G, S\]"):
+        segmented_nms_keep_reference(boxes, scores[:, :3], valid, 0.5)
+    with pytest.raises(TypeError, match="valid must be a bool tensor"):
+        segmented_nms_keep_reference(boxes, scores, valid.int(), 0.5)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        segmented_nms_keep(boxes, scores, valid, -0.1)
+
+
+def test_segmented_dispatcher_uses_the_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(FORCE_TRITON_ENV, raising=False)
+    called = []
+    monkeypatch.setattr(nms_module, "segmented_nms_keep_triton", lambda *a: called.append(1))
+    boxes, scores, valid = segmented_case(2, 9, seed=3)
+    assert torch.equal(segmented_nms_keep(boxes, scores, valid, 0.5), segmented_nms_keep_reference(boxes, scores, valid, 0.5))
+    assert not called
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiles", _TEST_TILES, ids=["cuda-tiles", "small-tiles"])
+def test_segmented_triton_launch_shapes(device, tiles):
+    boxes, scores, valid = segmented_case(3, 150, seed=11, valid_fraction=0.9)
+    keep = nms_module._segmented_keep(boxes.to(device), scores.to(device), valid.to(device), 0.5, tiles).cpu()
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, 0.5))

@@ -19,7 +19,9 @@ from engine.anchors import grid_anchors, normalize_boxes
 from engine.backbone import Backbone
 from engine.config import MaskRCNNConfig
 from engine.preprocess import ImageBatch
+from engine.ragged import padded_rois, read_counts
 from engine.roi_heads import (
+    BatchDetections,
     BoxHead,
     ConvFCBoxHead,
     BoxPredictor,
@@ -29,7 +31,7 @@ from engine.roi_heads import (
     postprocess_detections,
     select_mask_probabilities,
 )
-from engine.rpn import RPNHead, flatten_levels, select_proposals
+from engine.rpn import BatchProposals, RPNHead, flatten_levels, select_proposals
 from kernels.roi_align import multilevel_roi_align
 
 
@@ -126,6 +128,13 @@ class MaskRCNN(nn.Module):
         precision: "fp32" (exact parity), or "bf16" / "fp16": the backbone, FPN and heads run
             under autocast in that dtype, while their outputs are cast back to float32 before box
             decoding, top-k, NMS and the RoIAlign / paste kernels, which stay float32.
+
+    Attribute ``trim_padding``: the stages keep ragged sets (proposals, detections per image)
+    in fixed-size padded tensors, with counts on the device. With ``trim_padding=True`` the
+    padding past the largest count is cut after the RPN and after the detections, at the cost
+    of one host read each: free on the CPU, where it saves the heads' work on padding rows,
+    but a synchronisation on CUDA. ``Predictor`` sets it for CPU devices only; the results
+    are the same either way.
     """
 
     def __init__(self, *, spec: ArchitectureSpec, config: MaskRCNNConfig, precision: str = "fp32") -> None:
@@ -136,6 +145,7 @@ class MaskRCNN(nn.Module):
         self.config = config
         self.precision = precision
         self.autocast_cache = True  # False while the dense part runs from CUDA graphs
+        self.trim_padding = False
         self.backbone = Backbone(
             block=spec.block,
             blocks_per_stage=spec.blocks_per_stage,
@@ -188,10 +198,10 @@ class MaskRCNN(nn.Module):
         logits, deltas = self.rpn_head(features)
         return features, logits, deltas
 
-    def proposals(
+    def padded_proposals(
         self, features: list[Tensor], batch: ImageBatch, *, head_outputs: tuple[list[Tensor], list[Tensor]] | None = None
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i].
+    ) -> BatchProposals:
+        """RPN proposals of the batch in fixed-size form (resized-image pixels, or the normalized frame).
 
         ``head_outputs``: the RPN head's (logits, deltas) when already computed (:meth:`dense_outputs`).
         """
@@ -213,10 +223,25 @@ class MaskRCNN(nn.Module):
         )
         if normalized:
             anchors = [normalize_boxes(a, padded) for a in anchors]
-        return select_proposals(objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg)
+        proposals = select_proposals(objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg)
+        if self.trim_padding:
+            proposals = proposals.trimmed(_largest(proposals.counts))
+        return proposals
 
-    def pool(self, features: list[Tensor], boxes: list[Tensor], batch: ImageBatch, *, output_size: int) -> Tensor:
+    def proposals(
+        self, features: list[Tensor], batch: ImageBatch, *, head_outputs: tuple[list[Tensor], list[Tensor]] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """RPN proposals per image: boxes float32 [P_i, 4] (resized-image pixels) and objectness [P_i].
+
+        :meth:`padded_proposals` cut per image, after one host read of the counts.
+        """
+        proposals = self.padded_proposals(features, batch, head_outputs=head_outputs)
+        return proposals.split(read_counts(proposals.counts))
+
+    def pool(self, features: list[Tensor], boxes: list[Tensor] | Tensor, batch: ImageBatch, *, output_size: int) -> Tensor:
         """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out].
+
+        ``boxes``: a list of per-image [n_i, 4] (R = sum n_i), or a padded [B, P, 4] (R = B * P).
 
         With ``roi_mode="crop_and_resize"`` the boxes are in the normalized frame and the level
         rule's canonical size is divided by ``sqrt(Hp * Wp)`` (matterport's ``PyramidROIAlign``).
@@ -232,7 +257,7 @@ class MaskRCNN(nn.Module):
             scales = infer_spatial_scales(maps, batch.image_sizes)
             first = int(round(-math.log2(scales[0])))
             rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
-        rois = boxes_to_rois(boxes)
+        rois = padded_rois(boxes) if isinstance(boxes, Tensor) else boxes_to_rois(boxes)
         return multilevel_roi_align(
             maps,
             rois,
@@ -244,27 +269,50 @@ class MaskRCNN(nn.Module):
             mode=cfg.roi_mode,
         )
 
-    def detect(self, features: list[Tensor], proposals: list[Tensor], batch: ImageBatch) -> list[ImageDetections]:
-        """Box head and post-processing: final detections per image (resized-image frame)."""
-        pooled = self.pool(features, proposals, batch, output_size=self.config.box_pool_size)
+    def padded_detect(self, features: list[Tensor], proposals: BatchProposals, batch: ImageBatch) -> BatchDetections:
+        """Box head and post-processing on every row of the padded proposals: final detections
+        of the batch in fixed-size form (resized-image frame)."""
+        pooled = self.pool(features, proposals.boxes, batch, output_size=self.config.box_pool_size)
         with self._network_precision(pooled.device):
             class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
-        return postprocess_detections(
+        detections = postprocess_detections(
             class_logits, box_deltas, proposals, batch.image_sizes, config=self.config, windows=image_windows(batch, self.config)
         )
+        if self.trim_padding:
+            detections = detections.trimmed(_largest(detections.counts))
+        return detections
+
+    def detect(self, features: list[Tensor], proposals: list[Tensor], batch: ImageBatch) -> list[ImageDetections]:
+        """Box head and post-processing: final detections per image (resized-image frame).
+
+        :meth:`padded_detect` on the proposals (per image [P_i, 4]), cut per image after one
+        host read of the counts.
+        """
+        detections = self.padded_detect(features, BatchProposals.from_lists(proposals), batch)
+        return detections.split(read_counts(detections.counts))
+
+    def padded_mask_probabilities(self, features: list[Tensor], detections: BatchDetections, batch: ImageBatch) -> Tensor:
+        """float32 [B, D, 28, 28]: sigmoid of each detection's class channel, for every column
+        of the padded detections (those past the counts are filler)."""
+        num_images, width = detections.scores.shape
+        pooled = self.pool(features, detections.boxes, batch, output_size=self.config.mask_pool_size)
+        with self._network_precision(pooled.device):
+            logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled)).float()
+        probs = select_mask_probabilities(logits, detections.labels.reshape(-1))
+        return probs.view((num_images, width) + tuple(probs.shape[1:]))
 
     def mask_probabilities(
         self, features: list[Tensor], detections: list[ImageDetections], batch: ImageBatch
     ) -> list[Tensor]:
         """Per image float32 [N_i, 28, 28]: sigmoid of each detection's class channel."""
-        boxes = [d.boxes for d in detections]
-        pooled = self.pool(features, boxes, batch, output_size=self.config.mask_pool_size)
-        with self._network_precision(pooled.device):
-            logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled)).float()
-        labels = torch.cat([d.labels for d in detections])
-        probs = select_mask_probabilities(logits, labels)
-        return list(probs.split([len(b) for b in boxes]))
+        probs = self.padded_mask_probabilities(features, BatchDetections.from_list(detections), batch)
+        return [p[: len(d.boxes)] for p, d in zip(probs, detections)]
+
+
+def _largest(counts: Tensor) -> int:
+    """The largest count of a batch, read on the host (``trim_padding``'s read)."""
+    return max(read_counts(counts), default=0)
 
 
 def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float, float, float, float]]:

@@ -38,13 +38,20 @@ import torch
 from torch import Tensor
 
 from engine.boxes import clip_boxes_per_row, large_enough
-from engine.ragged import image_of_row, read_counts, segment_rank_kept, upload
 from engine.config import MaskRCNNConfig
+from engine.ragged import filled_columns, pad_rows, rank_kept, read_counts, take_rows, upload
 from engine.results import BoxMasks, Detections
-from engine.roi_heads import ImageDetections
+from engine.roi_heads import BatchDetections, ImageDetections
 from kernels.paste_masks import crop_tables, paste_masks
 
-__all__ = ["DEFAULT_CPU_CHUNK_BYTES", "MASK_FORMATS", "plan_paste_chunks", "rescale_boxes", "to_original_frame"]
+__all__ = [
+    "DEFAULT_CPU_CHUNK_BYTES",
+    "MASK_FORMATS",
+    "padded_to_original_frame",
+    "plan_paste_chunks",
+    "rescale_boxes",
+    "to_original_frame",
+]
 
 MASK_FORMATS = ("full", "box")
 DEFAULT_CPU_CHUNK_BYTES = 1 << 30  # 1 GiB of pasted masks per chunk on CPU
@@ -231,48 +238,63 @@ def _integer_rows(boxes: Tensor, windows: Tensor, sizes: Tensor) -> Tensor:
     return torch.round(b * span + end).to(torch.float32)
 
 
-def _boxes_in_input_frame(detections, mask_probs, *, image_sizes, original_sizes, windows, config):
-    """Every image's boxes in its input frame, for the whole batch at once.
+def _boxes_in_input_frame(
+    detections: BatchDetections, mask_probs: Tensor, *, image_sizes, original_sizes, windows, config
+) -> tuple[BatchDetections, Tensor, Tensor]:
+    """Every image's boxes in its input frame, for the whole padded batch at once, no host read.
 
-    Returns ``(detections, mask_probs, boxes)``: per image the detections, their mask
-    probabilities and their float32 boxes in the input frame, after
-    Detectron2's empty-box filter or matterport's area filter where the family has one. That
-    filter costs one host read for the batch (the kept detections per image).
+    Returns ``(detections, mask_probs, boxes)``, still fixed-size: the detections, their mask
+    probabilities [B, D, M, M] and their float32 boxes [B, D, 4] in the input frame, after
+    Detectron2's empty-box filter or matterport's area filter where the family has one (the
+    kept ones first in each row, in their order, and the counts updated).
     """
-    counts = [len(d.boxes) for d in detections]
-    device = detections[0].boxes.device
-    images = image_of_row(counts, device)
-    flat = torch.cat([d.boxes for d in detections])
+    num_images, width = detections.scores.shape
+    device = detections.boxes.device
+    flat = detections.boxes.reshape(-1, 4)
+
+    def per_row(table, dtype):  # one row of a per-image host table for every detection
+        values = upload(table, dtype=dtype, device=device)
+        return values[:, None, :].expand(num_images, width, values.shape[1]).reshape(-1, values.shape[1])
+
     keep = None
     if config.box_output == "integer":
         if windows is None:
             raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
-        rows_windows = upload(windows, dtype=torch.float32, device=device)[images]
-        rows_sizes = upload(original_sizes, dtype=torch.float64, device=device)[images]
-        boxes = _integer_rows(flat, rows_windows, rows_sizes)
+        boxes = _integer_rows(flat, per_row(windows, torch.float32), per_row(original_sizes, torch.float64))
         keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0
     else:
-        ratios = upload(_frame_ratios(image_sizes, original_sizes, config.rescale_style), dtype=torch.float32, device=device)
-        boxes = _rescale_rows(flat, ratios[images], config.rescale_style)
+        ratios = per_row(_frame_ratios(image_sizes, original_sizes, config.rescale_style), torch.float32)
+        boxes = _rescale_rows(flat, ratios, config.rescale_style)
         if config.clip_boxes_to_original:  # Detectron2's detector_postprocess
-            boxes = clip_boxes_per_row(boxes, upload(original_sizes, dtype=torch.float32, device=device)[images])
+            boxes = clip_boxes_per_row(boxes, per_row(original_sizes, torch.float32))
             keep = large_enough(boxes, 0.0, inclusive=False)
+    boxes = boxes.view(num_images, width, 4)
     if keep is None:
-        return detections, mask_probs, list(boxes.split(counts))
+        return detections, mask_probs, boxes
+    keep = keep.view(num_images, width) & filled_columns(detections.counts, width)
     # kept ones first within each image, in their order (equal scores: a stable sort keeps it)
-    order, kept = segment_rank_kept(torch.zeros_like(boxes[:, 0]), keep, images, len(counts), max(counts, default=0))
-    kept = read_counts(kept)  # host read: detections per image left by the filter
-    flat_scores = torch.cat([d.scores for d in detections])
-    flat_labels = torch.cat([d.labels for d in detections])
-    flat_probs = torch.cat(mask_probs)
-    out_dets, out_probs, out_boxes, start = [], [], [], 0
-    for count, size in zip(kept, counts):
-        idx = order[start : start + count]
-        out_dets.append(ImageDetections(boxes=flat[idx], scores=flat_scores[idx], labels=flat_labels[idx]))
-        out_probs.append(flat_probs[idx])
-        out_boxes.append(boxes[idx])
-        start += size
-    return out_dets, out_probs, out_boxes
+    order, counts = rank_kept(torch.zeros_like(detections.scores), keep, width)
+    filled = filled_columns(counts, width)
+    kept = BatchDetections(
+        boxes=take_rows(detections.boxes, order, filled),
+        scores=take_rows(detections.scores, order, filled),
+        labels=take_rows(detections.labels, order, filled),
+        counts=counts,
+    )
+    return kept, take_rows(mask_probs, order, filled), take_rows(boxes, order, filled)
+
+
+def _check_output_options(*, mask_format, max_chunk_bytes, config, windows) -> None:
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {MASK_FORMATS}; got {mask_format!r}")
+    if max_chunk_bytes is not None:
+        if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
+            raise ValueError(f"max_chunk_bytes must be a positive int or None; got {max_chunk_bytes!r}")
+    threshold = config.mask_threshold
+    if mask_format == "box" and (threshold is None or threshold < 0):
+        raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
+    if config.box_output == "integer" and windows is None:
+        raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
 
 
 def to_original_frame(
@@ -305,26 +327,55 @@ def to_original_frame(
         One :class:`Detections` per image, boxes float32 [N_i, 4] in input-image pixels. On
         the masks' device, except when the results did not fit in free GPU memory: then
         every tensor is on the CPU (masks in pinned memory).
+
+    The lists are padded and go through :func:`padded_to_original_frame`.
     """
-    if mask_format not in MASK_FORMATS:
-        raise ValueError(f"mask_format must be one of {MASK_FORMATS}; got {mask_format!r}")
-    if max_chunk_bytes is not None:
-        if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
-            raise ValueError(f"max_chunk_bytes must be a positive int or None; got {max_chunk_bytes!r}")
+    _check_output_options(mask_format=mask_format, max_chunk_bytes=max_chunk_bytes, config=config, windows=windows)
     if not detections:
+        return []
+    like = mask_probs[0] if mask_probs else torch.zeros((0, 28, 28), device=detections[0].boxes.device)
+    return padded_to_original_frame(
+        BatchDetections.from_list(detections),
+        pad_rows(list(mask_probs), like=like)[0] if mask_probs else like.new_zeros((len(detections), 0, 28, 28)),
+        image_sizes=image_sizes,
+        original_sizes=original_sizes,
+        config=config,
+        mask_format=mask_format,
+        max_chunk_bytes=max_chunk_bytes,
+        windows=windows,
+    )
+
+
+def padded_to_original_frame(
+    detections: BatchDetections,
+    mask_probs: Tensor,
+    *,
+    image_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]],
+    config: MaskRCNNConfig,
+    mask_format: str = "full",
+    max_chunk_bytes: int | None = None,
+    windows: list[tuple[float, float, float, float]] | None = None,
+) -> list[Detections]:
+    """:func:`to_original_frame` for the padded detections of a batch (``mask_probs`` float32
+    [B, D, M, M], one per column of ``detections``).
+
+    The one host read of a ``Predictor.run``: the detections per image, after the family's
+    input-frame filter, read once here so that the masks are allocated at their real size.
+    """
+    _check_output_options(mask_format=mask_format, max_chunk_bytes=max_chunk_bytes, config=config, windows=windows)
+    if detections.scores.shape[0] == 0:
         return []
     crop = mask_format == "box"
     threshold = config.mask_threshold
-    if crop and (threshold is None or threshold < 0):
-        raise ValueError(f"mask_format='box' needs a mask threshold >= 0; got {threshold!r}")
-    if config.box_output == "integer" and windows is None:
-        raise ValueError("box_output='integer' maps boxes through each image's window: pass windows=")
     detections, mask_probs, boxes = _boxes_in_input_frame(
         detections, mask_probs, image_sizes=image_sizes, original_sizes=original_sizes, windows=windows, config=config
     )
+    counts = read_counts(detections.counts)  # the run's one host read: detections per image
+    per_image = detections.split(counts)
+    boxes = [b[:c] for b, c in zip(boxes, counts)]
     all_boxes = torch.cat(boxes)
-    all_probs = torch.cat(mask_probs) if mask_probs else torch.zeros((0, 28, 28), device=all_boxes.device)
-    counts = [len(b) for b in boxes]
+    all_probs = torch.cat([p[:c] for p, c in zip(mask_probs, counts)])
     sizes = [tuple(int(v) for v in o) for o in original_sizes]
     masks, on_host = _paste_in_chunks(
         all_probs,
@@ -339,7 +390,7 @@ def to_original_frame(
     if crop:
         masks = [BoxMasks(data, table, size) for (data, table), size in zip(masks, sizes)]
     results = []
-    for b, d, m, size in zip(boxes, detections, masks, sizes):
+    for b, d, m, size in zip(boxes, per_image, masks, sizes):
         scores, labels = d.scores, d.labels
         if on_host:
             b, scores, labels = b.cpu(), scores.cpu(), labels.cpu()

@@ -21,7 +21,7 @@ from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
 from engine.model import image_windows
-from engine.postprocess import MASK_FORMATS, to_original_frame
+from engine.postprocess import MASK_FORMATS, padded_to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
 
@@ -118,6 +118,8 @@ class Predictor:
         self.config = config.replace(**changes) if changes else config
         self.family = checkpoint.family
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
+        # on the CPU a host read costs nothing and cutting the padding saves the heads' work
+        self.model.trim_padding = self.device.type != "cuda"
         if precision != "fp32" and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self._graphed = None
@@ -148,11 +150,13 @@ class Predictor:
             One :class:`engine.results.Detections` per image (tensors on the predictor's device),
             in the order given; ``[]`` for an empty list.
 
-        Host reads of device data (each one synchronisation on CUDA), the same number for any
-        batch size: the proposals per image after the RPN (none with matterport's zero padding),
-        the detection candidates passing the score and size filters (one ``nonzero``), the
-        detections per image, and, for Detectron2 and matterport, the detections left by the
-        input-frame box filter. ``tests/test_host_sync_audit.py`` counts them for every preset.
+        Host reads of device data: on CUDA exactly one, whatever the batch size and family:
+        the detections per image, read right before the masks are pasted so that they can be
+        allocated at their real size (:func:`engine.postprocess.padded_to_original_frame`).
+        Everything before it stays in fixed-size padded tensors with counts on the device. On
+        the CPU two more reads (free there) cut the padding after the RPN and after the
+        detections (``MaskRCNN.trim_padding``). ``tests/test_host_sync_audit.py`` counts them
+        for every preset.
         """
         images = validate_images(images)
         if not images:
@@ -161,13 +165,13 @@ class Predictor:
         model = self.model
         if self._graphed is not None:
             features, logits, deltas = self._graphed(batch.tensor)
-            proposals, _ = model.proposals(features, batch, head_outputs=(logits, deltas))
+            proposals = model.padded_proposals(features, batch, head_outputs=(logits, deltas))
         else:
             features = model.features(batch)
-            proposals, _ = model.proposals(features, batch)
-        detections = model.detect(features, proposals, batch)
-        mask_probs = model.mask_probabilities(features, detections, batch)
-        return to_original_frame(
+            proposals = model.padded_proposals(features, batch)
+        detections = model.padded_detect(features, proposals, batch)
+        mask_probs = model.padded_mask_probabilities(features, detections, batch)
+        return padded_to_original_frame(
             detections,
             mask_probs,
             image_sizes=batch.image_sizes,

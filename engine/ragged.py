@@ -17,7 +17,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["image_of_row", "rank_kept", "read_counts", "segment_rank_kept", "segment_sizes", "upload"]
+__all__ = [
+    "filled_columns",
+    "image_of_row",
+    "pad_rows",
+    "padded_rois",
+    "rank_kept",
+    "read_counts",
+    "segment_rank_kept",
+    "segment_sizes",
+    "take_rows",
+    "upload",
+]
 
 
 def upload(values: Sequence, *, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -97,3 +108,44 @@ def image_of_row(counts: list[int], device: torch.device) -> Tensor:
     return torch.repeat_interleave(
         torch.arange(len(counts), device=device), image_counts, output_size=sum(counts)
     )
+
+
+def filled_columns(counts: Tensor, width: int) -> Tensor:
+    """bool [B, width]: column ``j`` of row ``b`` is filled when ``j < counts[b]`` (int [B])."""
+    return torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+
+
+def take_rows(values: Tensor, order: Tensor, filled: Tensor) -> Tensor:
+    """``values[b, order[b, j]]`` where ``filled[b, j]``, zeros elsewhere.
+
+    values [B, N, ...], order int64 [B, K], filled bool [B, K] -> [B, K, ...]: the fixed-size
+    rows of a ranked selection, with zero filler past each image's count (zero boxes are
+    harmless to RoIAlign and the heads, whose outputs for them are never used).
+    """
+    rows = torch.arange(values.shape[0], device=values.device)[:, None]
+    taken = values[rows, order]
+    mask = filled.view(filled.shape + (1,) * (taken.dim() - 2))
+    return torch.where(mask, taken, torch.zeros((), dtype=taken.dtype, device=taken.device))
+
+
+def pad_rows(rows: Sequence[Tensor], *, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-image tensors [n_i, ...] -> zero-padded [B, max n_i, ...] and int64 counts [B] on
+    their device (the sizes are host numbers here, so no read). ``like`` gives the dtype,
+    device and trailing shape when ``rows`` is empty."""
+    if not rows:
+        if like is None:
+            raise ValueError("pad_rows needs like= for an empty list")
+        return like.new_zeros((0, 0) + tuple(like.shape[1:])), torch.zeros(0, dtype=torch.int64, device=like.device)
+    sizes = [len(r) for r in rows]
+    width = max(sizes)
+    padded = rows[0].new_zeros((len(rows), width) + tuple(rows[0].shape[1:]))
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    return padded, upload(sizes, dtype=torch.int64, device=rows[0].device)
+
+
+def padded_rois(boxes: Tensor) -> Tensor:
+    """Boxes [B, P, 4] -> float32 [B * P, 5] RoI rows (image index, x1, y1, x2, y2), image after image."""
+    num_images, width = boxes.shape[:2]
+    index = torch.arange(num_images, device=boxes.device, dtype=boxes.dtype)
+    return torch.cat([index.view(-1, 1, 1).expand(num_images, width, 1), boxes], dim=2).reshape(-1, 5)

@@ -3,10 +3,12 @@
 Detection post-processing reproduces torchvision's ``RoIHeads.postprocess_detections``:
 class-specific decoding with weights (10, 10, 5, 5), softmax, clipping to the resized
 image, dropping the background column, score > threshold, both sides >= min size,
-per-class NMS, and the best ``detections_per_image``. The batch is processed at once: one
-NMS launch over the candidates of every image (groups per image and class), and a per-image
-ranking (:func:`engine.ragged.segment_rank_kept`); two host reads (candidate compaction,
-detections per image) whatever the batch size.
+per-class NMS, and the best ``detections_per_image``. The batch is processed at once, in
+fixed-size form: every (proposal, class) pair of a padded batch is a candidate with a validity
+mask, one NMS launch covers every (image, class) segment (:func:`kernels.nms.segmented_nms_keep`),
+and :func:`engine.ragged.rank_kept` ranks each image's kept candidates in the frameworks'
+candidate order (proposal-major, class-minor). No host read: the result is a
+:class:`BatchDetections` with its counts on the device.
 
 With ``detection_rule="argmax"`` it reproduces matterport's ``refine_detections_graph``: each
 proposal keeps only its most probable class (background included) and that class's box; boxes
@@ -25,8 +27,9 @@ from torch import Tensor, nn
 from engine.backbone import ConvNorm
 from engine.boxes import clip_boxes_per_row, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
-from engine.ragged import image_of_row, read_counts, segment_rank_kept, segment_sizes, upload
-from kernels.nms import batched_nms_keep
+from engine.ragged import filled_columns, pad_rows, rank_kept, take_rows, upload
+from engine.rpn import BatchProposals
+from kernels.nms import segmented_nms_keep
 
 
 class BoxHead(nn.Module):
@@ -118,107 +121,160 @@ class ImageDetections:
     labels: Tensor
 
 
+@dataclass(frozen=True)
+class BatchDetections:
+    """Detections of a batch in fixed-size form, resized-image frame (before paste-back).
+
+    Attributes:
+        boxes: float32 [B, D, 4], x1 y1 x2 y2; image ``b``'s detections are the first
+            ``counts[b]`` columns, by descending score (zero boxes after them).
+        scores: float32 [B, D] (zeros past the counts).
+        labels: int64 [B, D], the checkpoint's class indices (zeros past the counts).
+        counts: int64 [B] on the device.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    counts: Tensor
+
+    @classmethod
+    def from_list(cls, detections: list[ImageDetections]) -> "BatchDetections":
+        boxes, counts = pad_rows([d.boxes for d in detections])
+        return cls(
+            boxes=boxes,
+            scores=pad_rows([d.scores for d in detections])[0],
+            labels=pad_rows([d.labels for d in detections])[0],
+            counts=counts,
+        )
+
+    def split(self, sizes: list[int]) -> list[ImageDetections]:
+        """Per-image detections, given the counts as host ints (``engine.ragged.read_counts(self.counts)``)."""
+        return [
+            ImageDetections(boxes=self.boxes[i, :c], scores=self.scores[i, :c], labels=self.labels[i, :c])
+            for i, c in enumerate(sizes)
+        ]
+
+    def trimmed(self, width: int) -> "BatchDetections":
+        """The first ``width`` columns (``width`` >= every count: nothing filled is lost)."""
+        return BatchDetections(
+            boxes=self.boxes[:, :width], scores=self.scores[:, :width], labels=self.labels[:, :width], counts=self.counts
+        )
+
+
 def postprocess_detections(
     class_logits: Tensor,
     box_deltas: Tensor,
-    proposals: list[Tensor],
+    proposals: BatchProposals,
     image_sizes: list[tuple[int, int]],
     *,
     config: MaskRCNNConfig,
     windows: list[tuple[float, float, float, float]] | None = None,
-) -> list[ImageDetections]:
-    """Turn box-head outputs into final detections per image.
+) -> BatchDetections:
+    """Turn box-head outputs into final detections per image, without a host read.
 
     Args:
-        class_logits: float32 [R, K], R = sum of proposals over images, in image order.
-        box_deltas: float32 [R, 4 * K_box].
-        proposals: per image float32 [P_i, 4], resized-image pixels (or the normalized frame).
+        class_logits: float32 [B * P, K], the box head on every row of ``proposals`` (image after image).
+        box_deltas: float32 [B * P, 4 * K_box].
+        proposals: the padded proposals (resized-image pixels, or the normalized frame); rows
+            past each image's count are never detections.
         image_sizes: resized (h, w) per image.
         windows: per image (x1, y1, x2, y2) region the boxes are clipped to with
             ``detection_rule="argmax"`` (the image inside the padding, in the boxes' frame).
 
     Returns:
-        One :class:`ImageDetections` per image.
+        :class:`BatchDetections`, at most ``detections_per_image`` per image.
     """
     if config.detection_rule == "argmax":
         if windows is None:
             raise ValueError("detection_rule='argmax' clips to each image's window: pass windows=")
         return _argmax_detections(class_logits, box_deltas, proposals, windows, config=config)
+    num_images, width = proposals.scores.shape
     num_classes = class_logits.shape[1]
     num_box_classes = box_deltas.shape[1] // 4
-    reference = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
-    boxes_all = decode_with_config(box_deltas, reference, config=config, weights=config.box_coder_weights)
-    boxes_all = boxes_all.reshape(-1, num_box_classes, 4)
-    scores_all = F.softmax(class_logits, -1)
+    device = class_logits.device
+    boxes_all = decode_with_config(box_deltas, proposals.boxes.reshape(-1, 4), config=config, weights=config.box_coder_weights)
+    boxes_all = boxes_all.reshape(num_images, width * num_box_classes, 4)
+    sizes = upload(image_sizes, dtype=torch.float32, device=device)  # [B, 2] (h, w)
+    boxes_all = clip_boxes_per_row(boxes_all, sizes).view(num_images, width, num_box_classes, 4)
+    scores_all = F.softmax(class_logits, -1).view(num_images, width, num_classes)
 
     if config.background_index == "first":
         fg = slice(1, num_classes)
         box_fg = slice(1, num_box_classes) if num_box_classes == num_classes else slice(0, num_box_classes)
-        labels_fg = torch.arange(1, num_classes, device=class_logits.device)
+        labels_fg = torch.arange(1, num_classes, device=device)
     else:  # background is the last class
         fg = slice(0, num_classes - 1)
         box_fg = slice(0, num_classes - 1)
-        labels_fg = torch.arange(0, num_classes - 1, device=class_logits.device)
+        labels_fg = torch.arange(0, num_classes - 1, device=device)
 
-    counts = [len(p) for p in proposals]
-    device = class_logits.device
-    row_image = image_of_row(counts, device)
-    sizes = upload(image_sizes, dtype=torch.float32, device=device)[row_image]  # [R, 2] (h, w)
-    boxes = clip_boxes_per_row(boxes_all, sizes)[:, box_fg].reshape(-1, 4)
-    scores = scores_all[:, fg]
-    labels = labels_fg.view(1, -1).expand_as(scores).reshape(-1)
-    images = row_image[:, None].expand_as(scores).reshape(-1)
-    scores = scores.reshape(-1)
-    valid = (scores > config.score_threshold) & large_enough(boxes, config.detection_min_size)
-    return _nms_and_select(boxes, scores, labels, images, valid, len(proposals), num_classes, config=config)
-
-
-def _nms_and_select(boxes, scores, labels, images, valid, num_images: int, num_classes: int, *, config) -> list[ImageDetections]:
-    """Candidates of the whole batch -> per-image detections: per-class NMS within each image,
-    then each image's best ``detections_per_image``.
-
-    boxes [N, 4], scores [N], labels int64 [N], images int64 [N] (non-decreasing), valid bool [N].
-    Two host reads: the size of the candidate set that passed the filters (``nonzero``: the NMS
-    works on those only, as the frameworks do), and the detections per image.
-    """
-    index = torch.nonzero(valid).squeeze(1)  # host read: the candidates that passed the filters
-    boxes, scores, labels, images = boxes[index], scores[index], labels[index], images[index]
-    keep = batched_nms_keep(boxes, scores, images * num_classes + labels, config.nms_threshold)
-    order, counts = segment_rank_kept(scores, keep, images, num_images, config.detections_per_image)
-    kept, sizes = _split_counts(read_counts(torch.cat([counts, segment_sizes(images, num_images)])), num_images)
-    results, start = [], 0
-    for count, size in zip(kept, sizes):
-        idx = order[start : start + count]
-        results.append(ImageDetections(boxes=boxes[idx], scores=scores[idx], labels=labels[idx]))
-        start += size
-    return results
+    boxes = boxes_all[:, :, box_fg]  # [B, P, C', 4]
+    scores = scores_all[:, :, fg]  # [B, P, C']
+    classes = scores.shape[2]
+    valid = (scores > config.score_threshold) & large_enough(boxes.reshape(-1, 4), config.detection_min_size).view(
+        scores.shape
+    )
+    valid &= filled_columns(proposals.counts, width)[:, :, None]
+    # a segment per (image, class): its P candidates in proposal order
+    keep = segmented_nms_keep(
+        boxes.permute(0, 2, 1, 3).reshape(-1, width, 4),
+        scores.permute(0, 2, 1).reshape(-1, width),
+        valid.permute(0, 2, 1).reshape(-1, width),
+        config.nms_threshold,
+    )
+    keep = keep.view(num_images, classes, width).permute(0, 2, 1).reshape(num_images, -1)
+    labels = labels_fg.view(1, 1, -1).expand(num_images, width, classes).reshape(num_images, -1)
+    return _rank_detections(
+        boxes.reshape(num_images, -1, 4), scores.reshape(num_images, -1), labels, keep, config.detections_per_image
+    )
 
 
-def _split_counts(values: list[int], num_images: int) -> tuple[list[int], list[int]]:
-    return values[:num_images], values[num_images:]
+def _rank_detections(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, k: int) -> BatchDetections:
+    """Each image's best ``k`` kept candidates (boxes [B, N, 4], scores [B, N], labels [B, N],
+    keep [B, N]), by descending score, ties in candidate order (as ``torchvision.ops.batched_nms``)."""
+    order, counts = rank_kept(scores, keep, k)
+    filled = filled_columns(counts, order.shape[1])
+    return BatchDetections(
+        boxes=take_rows(boxes, order, filled),
+        scores=take_rows(scores, order, filled),
+        labels=take_rows(labels, order, filled),
+        counts=counts,
+    )
 
 
-def _argmax_detections(class_logits, box_deltas, proposals, windows, *, config) -> list[ImageDetections]:
+def _argmax_detections(class_logits, box_deltas, proposals: BatchProposals, windows, *, config) -> BatchDetections:
     """matterport's ``refine_detections_graph`` for the whole batch (see the module docstring)."""
     num_classes = class_logits.shape[1]
     if box_deltas.shape[1] // 4 != num_classes or config.background_index != "first":
         raise ValueError("detection_rule='argmax' needs class-specific boxes for every class, background first")
-    scores = F.softmax(class_logits, -1)
-    counts = [len(p) for p in proposals]
+    num_images, width = proposals.scores.shape
     device = class_logits.device
-    row_image = image_of_row(counts, device)
+    scores = F.softmax(class_logits, -1)
     labels = scores.argmax(dim=1)  # first maximum on ties, as tf.argmax
     index = torch.arange(scores.shape[0], device=device)
-    best = scores[index, labels]
+    best = scores[index, labels].view(num_images, width)
     own = box_deltas.view(-1, num_classes, 4)[index, labels]
-    rois = torch.cat(proposals) if proposals else class_logits.new_zeros((0, 4))
-    boxes = decode_with_config(own, rois, config=config, weights=config.box_coder_weights)
-    window = upload(windows, dtype=torch.float32, device=device)[row_image]  # [R, 4] x1 y1 x2 y2
-    x = torch.minimum(torch.maximum(boxes[:, 0::2], window[:, 0:1]), window[:, 2:3])
-    y = torch.minimum(torch.maximum(boxes[:, 1::2], window[:, 1:2]), window[:, 3:4])
-    boxes = torch.stack((x, y), dim=2).reshape(boxes.shape)
-    valid = (labels > 0) & (best >= config.score_threshold)
-    return _nms_and_select(boxes, best, labels, row_image, valid, len(proposals), num_classes, config=config)
+    boxes = decode_with_config(own, proposals.boxes.reshape(-1, 4), config=config, weights=config.box_coder_weights)
+    boxes = boxes.view(num_images, width, 4)
+    window = upload(windows, dtype=torch.float32, device=device)[:, None, :]  # [B, 1, 4] x1 y1 x2 y2
+    x = torch.minimum(torch.maximum(boxes[..., 0::2], window[..., 0:1]), window[..., 2:3])
+    y = torch.minimum(torch.maximum(boxes[..., 1::2], window[..., 1:2]), window[..., 3:4])
+    boxes = torch.stack((x, y), dim=3).reshape(boxes.shape)
+    labels = labels.view(num_images, width)
+    valid = (labels > 0) & (best >= config.score_threshold) & filled_columns(proposals.counts, width)
+    # a segment per (image, foreground class) over the image's P candidates; each candidate is
+    # valid in its own class's segment only
+    classes = torch.arange(1, num_classes, device=device).view(1, -1, 1)
+    in_class = valid[:, None, :] & (labels[:, None, :] == classes)  # [B, C - 1, P]
+    segments = num_images * (num_classes - 1)
+    keep = segmented_nms_keep(
+        boxes[:, None].expand(num_images, num_classes - 1, width, 4).reshape(segments, width, 4),
+        best[:, None].expand(num_images, num_classes - 1, width).reshape(segments, width),
+        in_class.reshape(segments, width),
+        config.nms_threshold,
+    )
+    keep = keep.view(num_images, num_classes - 1, width).any(dim=1)
+    return _rank_detections(boxes, best, labels, keep, config.detections_per_image)
 
 
 def select_mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:

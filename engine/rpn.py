@@ -6,9 +6,9 @@ drop boxes with a side < ``rpn_min_size``; drop scores < ``rpn_score_threshold``
 NMS per level; keep the best ``rpn_post_nms_top_n`` of the image.
 
 The whole batch is selected at once on fixed-size [B, N] tensors: the filters give a validity
-mask, one NMS launch covers every (image, level) group (:func:`kernels.nms.batched_nms_keep`),
-and :func:`engine.ragged.rank_kept` ranks the kept ones per image; the lists per image are cut
-after one host read of their lengths.
+mask, one NMS launch covers every (image, level) segment (:func:`kernels.nms.segmented_nms_keep`),
+and :func:`engine.ragged.rank_kept` ranks the kept ones per image. The result stays fixed-size
+(:class:`BatchProposals`, counts on the device): no host read.
 
 With ``rpn_selection="global"`` it reproduces matterport's ``ProposalLayer`` instead: top-k of
 the foreground probabilities over all levels at once (ties in anchor order, as TensorFlow's
@@ -18,14 +18,49 @@ NMS, the best ``rpn_post_nms_top_n``, and with ``rpn_pad_proposals`` zero boxes 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.boxes import clip_boxes, clip_boxes_per_row, decode_with_config, large_enough
 from engine.config import MaskRCNNConfig
-from engine.ragged import rank_kept, read_counts, upload
-from kernels.nms import batched_nms_keep
+from engine.ragged import filled_columns, pad_rows, rank_kept, take_rows, upload
+from kernels.nms import segmented_nms_keep
+
+
+@dataclass(frozen=True)
+class BatchProposals:
+    """RPN proposals of a batch in fixed-size form (no host read needed to hold them).
+
+    Attributes:
+        boxes: float32 [B, P, 4], x1 y1 x2 y2 in resized-image pixels (or matterport's
+            normalized frame); row ``b`` holds image ``b``'s proposals by descending score in
+            its first ``counts[b]`` columns, zero boxes after them.
+        scores: float32 [B, P] objectness probabilities (zeros past the counts).
+        counts: int64 [B] on the device.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    counts: Tensor
+
+    @classmethod
+    def from_lists(cls, boxes: list[Tensor], scores: list[Tensor] | None = None) -> "BatchProposals":
+        """Per-image proposals [P_i, 4] (and scores [P_i]) -> the fixed-size form."""
+        padded, counts = pad_rows(boxes)
+        if scores is None:
+            scores = [b.new_ones(len(b)) for b in boxes]
+        return cls(boxes=padded, scores=pad_rows(scores)[0], counts=counts)
+
+    def split(self, sizes: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-image lists, given the counts as host ints (``engine.ragged.read_counts(self.counts)``)."""
+        return [b[:c] for b, c in zip(self.boxes, sizes)], [s[:c] for s, c in zip(self.scores, sizes)]
+
+    def trimmed(self, width: int) -> "BatchProposals":
+        """The first ``width`` columns (``width`` >= every count: nothing filled is lost)."""
+        return BatchProposals(boxes=self.boxes[:, :width], scores=self.scores[:, :width], counts=self.counts)
 
 
 class RPNHead(nn.Module):
@@ -78,7 +113,7 @@ def select_proposals(
     image_sizes: list[tuple[int, int]],
     *,
     config: MaskRCNNConfig,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> BatchProposals:
     """Decode, rank and suppress proposals for each image.
 
     Args:
@@ -89,8 +124,8 @@ def select_proposals(
         image_sizes: resized (h, w) per image, used for clipping.
 
     Returns:
-        proposals: per image float32 [P_i, 4], x1 y1 x2 y2 in resized-image pixels, by descending score;
-        scores: per image float32 [P_i] objectness probabilities.
+        :class:`BatchProposals`: per image at most ``rpn_post_nms_top_n`` proposals by descending
+        score (exactly that many, zero boxes included, with ``rpn_pad_proposals``).
     """
     if config.rpn_selection == "global":
         return _select_global(objectness, deltas, torch.cat(anchors), image_sizes, config=config)
@@ -99,15 +134,14 @@ def select_proposals(
     all_anchors = torch.cat(anchors)
 
     # top-k per level on the raw logits
-    top_idx, top_levels, offset = [], [], 0
-    for level, count in enumerate(anchors_per_level):
+    top_idx, group_sizes, offset = [], [], 0
+    for count in anchors_per_level:
         k = min(config.rpn_pre_nms_top_n, count)
         _, idx = objectness[:, offset : offset + count].topk(k, dim=1)
         top_idx.append(idx + offset)
-        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
+        group_sizes.append(k)
         offset += count
     top_idx = torch.cat(top_idx, dim=1)
-    levels = torch.cat(top_levels)
     rows = torch.arange(num_images, device=device)[:, None]
     scores = torch.sigmoid(objectness[rows, top_idx])
     # decoding is elementwise, so decoding only the selected anchors gives the same boxes
@@ -118,45 +152,52 @@ def select_proposals(
         weights=config.rpn_box_weights,
     ).view(num_images, -1, 4)
     boxes = clip_boxes_per_row(boxes, upload(image_sizes, dtype=torch.float32, device=device))
-    # one NMS for the batch: a group per (image, level); entries filtered out share a spare group
-    groups = rows * len(anchors_per_level) + levels[None, :]
-    return _nms_and_rank(boxes, scores, groups, config=config)
+    # one NMS for the batch: a segment per (image, level)
+    return _nms_and_rank(boxes, scores, group_sizes, config=config)
 
 
-def _nms_and_rank(boxes: Tensor, scores: Tensor, groups: Tensor, *, config: MaskRCNNConfig):
-    """Size and score filter, NMS within ``groups``, the best ``rpn_post_nms_top_n`` per image.
+def _nms_and_rank(boxes: Tensor, scores: Tensor, group_sizes: list[int], *, config: MaskRCNNConfig) -> BatchProposals:
+    """Size and score filter, NMS within groups, the best ``rpn_post_nms_top_n`` per image.
 
-    boxes [B, N, 4], scores [B, N], groups int64 [B, N] (disjoint between images). Returns the
-    per-image lists of :func:`select_proposals`, after one host read of their lengths (or none,
-    with ``rpn_pad_proposals``: every image then has exactly ``rpn_post_nms_top_n``).
+    boxes [B, N, 4], scores [B, N]; each image's N columns are consecutive NMS groups of
+    ``group_sizes`` (host ints summing to N). No host read.
     """
     num_images, n = scores.shape
     top_n = config.rpn_post_nms_top_n
     valid = large_enough(boxes.reshape(-1, 4), config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
     valid = valid.view(num_images, n) & (scores >= config.rpn_score_threshold)
-    spare = groups.max() + 1  # a tensor: no host read
-    groups = torch.where(valid, groups, spare)
-    keep = batched_nms_keep(boxes.reshape(-1, 4), scores.reshape(-1), groups.reshape(-1), config.rpn_nms_threshold)
-    keep = keep.view(num_images, n) & valid
+    keep = _keep_per_group(boxes, scores, valid, group_sizes, config.rpn_nms_threshold)
     order, counts = rank_kept(scores, keep, top_n)
-    rows = torch.arange(num_images, device=scores.device)[:, None]
-    boxes, scores = boxes[rows, order], scores[rows, order]
-    if config.rpn_pad_proposals:
-        filled = torch.arange(order.shape[1], device=scores.device)[None, :] < counts[:, None]
-        boxes = torch.where(filled[..., None], boxes, torch.zeros_like(boxes))
-        scores = torch.where(filled, scores, torch.zeros_like(scores))
+    filled = filled_columns(counts, order.shape[1])
+    boxes, scores = take_rows(boxes, order, filled), take_rows(scores, order, filled)
+    if config.rpn_pad_proposals:  # matterport: exactly top_n per image, zero boxes included
         if order.shape[1] < top_n:
             missing = top_n - order.shape[1]
             boxes = torch.cat([boxes, boxes.new_zeros((num_images, missing, 4))], dim=1)
             scores = torch.cat([scores, scores.new_zeros((num_images, missing))], dim=1)
-        return list(boxes.unbind(0)), list(scores.unbind(0))
-    sizes = read_counts(counts)  # the RPN's host read: proposals per image
-    return [b[:c] for b, c in zip(boxes, sizes)], [s[:c] for s, c in zip(scores, sizes)]
+        counts = torch.full_like(counts, top_n)
+    return BatchProposals(boxes=boxes, scores=scores, counts=counts)
+
+
+def _keep_per_group(boxes: Tensor, scores: Tensor, valid: Tensor, group_sizes: list[int], threshold: float) -> Tensor:
+    """NMS keep mask bool [B, N], each image's columns split into groups of ``group_sizes``:
+    the groups become zero-padded segments of one :func:`kernels.nms.segmented_nms_keep` launch."""
+    num_images = scores.shape[0]
+    if len(group_sizes) == 1:
+        return segmented_nms_keep(boxes, scores, valid, threshold)
+    width = max(group_sizes)
+    segments = []
+    for t in (boxes, scores, valid):
+        parts = t.split(group_sizes, dim=1)
+        pad = (0, 0) * (t.dim() - 2)
+        segments.append(torch.stack([F.pad(p, pad + (0, width - p.shape[1])) for p in parts], dim=1).flatten(0, 1))
+    keep = segmented_nms_keep(*segments, threshold).view(num_images, len(group_sizes), width)
+    return torch.cat([keep[:, g, :size] for g, size in enumerate(group_sizes)], dim=1)
 
 
 def _select_global(
     objectness: Tensor, deltas: Tensor, anchors: Tensor, image_sizes: list[tuple[int, int]], *, config: MaskRCNNConfig
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> BatchProposals:
     """matterport's ``ProposalLayer`` (see the module docstring); boxes in the anchors' frame.
 
     In the normalized frame the clip is to [0, 1]; in pixels, to each image's resized size.
@@ -176,4 +217,4 @@ def _select_global(
         b = clip_boxes(b, (1.0, 1.0))
     else:
         b = clip_boxes_per_row(b, upload(image_sizes, dtype=torch.float32, device=device))
-    return _nms_and_rank(b, s, rows.expand(num_images, k), config=config)
+    return _nms_and_rank(b, s, [k], config=config)

@@ -51,10 +51,12 @@ _WRAPPED_METHODS = ("tolist", "cpu", "numpy", "item", "__bool__", "__int__", "__
 
 @dataclass(frozen=True)
 class HostRead:
-    """One host read: its kind (``item``, ``nonzero``, ``bool-mask index``, ``tolist`` ...) and where."""
+    """One host read: its kind (``item``, ``nonzero``, ``bool-mask index``, ``tolist`` ...), where
+    (the innermost project frame) and ``callers`` (the project frames around it, innermost first)."""
 
     kind: str
     where: str
+    callers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,11 +72,13 @@ class AuditReport:
         return "\n".join(lines) if lines else "(no host reads)"
 
 
-def _project_frame() -> str:
-    for frame in reversed(traceback.extract_stack()):
-        if frame.filename.startswith(PROJECT_DIRS):
-            return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} ({frame.name})"
-    return "(outside the project)"
+def _project_frames() -> tuple[str, ...]:
+    """The project's frames of the current stack, innermost first (this module's own left out)."""
+    return tuple(
+        f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} ({frame.name})"
+        for frame in reversed(traceback.extract_stack())
+        if frame.filename.startswith(PROJECT_DIRS) and os.path.abspath(frame.filename) != os.path.abspath(__file__)
+    )
 
 
 def _is_bool_index(indices) -> bool:
@@ -119,7 +123,8 @@ class HostSyncAudit:
 
     def _record(self, kind: str) -> None:
         if self._depth_opaque == 0 and self._active:
-            self.report.reads.append(HostRead(kind, _project_frame()))
+            frames = _project_frames()
+            self.report.reads.append(HostRead(kind, frames[0] if frames else "(outside the project)", frames))
 
     def _patch(self, owner, attr: str, replacement) -> None:
         original = getattr(owner, attr)

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from engine.ragged import upload
+
 
 def base_anchors(
     size: float, aspect_ratios: tuple[float, ...], *, round_anchors: bool, dtype: torch.dtype = torch.float32
@@ -76,7 +78,7 @@ def grid_anchors(
     strides = level_strides(padded_size, feature_sizes, mode=stride_mode)
     out = []
     for (fh, fw), (sh, sw), size in zip(feature_sizes, strides, sizes):
-        base = base_anchors(size, aspect_ratios, round_anchors=round_anchors, dtype=dtype).to(device)
+        base = upload(base_anchors(size, aspect_ratios, round_anchors=round_anchors, dtype=dtype), dtype=dtype, device=device)
         shift_x = torch.arange(fw, dtype=torch.int32, device=device) * sw
         shift_y = torch.arange(fh, dtype=torch.int32, device=device) * sh
         yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
@@ -94,6 +96,6 @@ def normalize_boxes(boxes: Tensor, padded_size: tuple[int, int]) -> Tensor:
     """
     height, width = padded_size
     b = boxes.to(torch.float64)
-    scale = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=torch.float64, device=b.device)
-    shift = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=b.device)
+    scale = upload([width - 1, height - 1, width - 1, height - 1], dtype=torch.float64, device=b.device)
+    shift = upload([0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=b.device)
     return ((b - shift) / scale).to(torch.float32)

@@ -74,7 +74,7 @@ def decode_deltas(
         pred_ctr_y = ctr_y[:, None] + heights[:, None] * dy
     pred_w = torch.exp(dw) * widths[:, None] if style == "torchvision" else widths[:, None] * torch.exp(dw)
     pred_h = torch.exp(dh) * heights[:, None] if style == "torchvision" else heights[:, None] * torch.exp(dh)
-    half = torch.tensor(0.5, dtype=deltas.dtype, device=deltas.device)
+    half = torch.full((), 0.5, dtype=deltas.dtype, device=deltas.device)  # a device fill, not an upload
     half_w, half_h = pred_w * half, pred_h * half
     out = torch.stack(
         (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.config import MaskRCNNConfig
+from engine.ragged import upload
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
     x = image.permute(2, 0, 1).float() / config.input_scale
     if config.channel_order == "BGR":
         x = x.flip(0)
-    mean = torch.as_tensor(config.pixel_mean, dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(config.pixel_std, dtype=x.dtype, device=x.device)
+    mean = upload(list(config.pixel_mean), dtype=x.dtype, device=x.device)
+    std = upload(list(config.pixel_std), dtype=x.dtype, device=x.device)
     if not config.normalize_before_resize:
         x = _resize(x, out_h, out_w)
     x = (x - mean[:, None, None]) / std[:, None, None]
@@ -154,8 +155,8 @@ def _normalize(image: Tensor, config: MaskRCNNConfig) -> Tensor:
     x = image.permute(2, 0, 1).to(torch.float64 if wide else torch.float32) / config.input_scale
     if config.channel_order == "BGR":
         x = x.flip(0)
-    mean = torch.as_tensor(config.pixel_mean, dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(config.pixel_std, dtype=x.dtype, device=x.device)
+    mean = upload(list(config.pixel_mean), dtype=x.dtype, device=x.device)
+    std = upload(list(config.pixel_std), dtype=x.dtype, device=x.device)
     return ((x - mean[:, None, None]) / std[:, None, None]).to(torch.float32)
 
 
@@ -226,6 +227,12 @@ def _pil_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(index, in_size - 1), fixed
 
 
+def _upload_array(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host numpy table on ``device``, without a synchronising copy (:func:`engine.ragged.upload`)."""
+    host = torch.from_numpy(array)
+    return upload(host, dtype=host.dtype, device=device)
+
+
 def _pil_pass(x: Tensor, dim: int, in_size: int, out_size: int) -> Tensor:
     """One Pillow 8-bit pass along ``dim`` of a uint8 tensor: 2**21 + sum of taps, >> 22, clipped to uint8.
 
@@ -233,8 +240,7 @@ def _pil_pass(x: Tensor, dim: int, in_size: int, out_size: int) -> Tensor:
     weights are >= 0 and sum to about 2**22 (255 * 2**22 < 2**31).
     """
     index, weight = _pil_taps(in_size, out_size)
-    index = torch.from_numpy(index).to(x.device)
-    weight = torch.from_numpy(weight).to(x.device)
+    index, weight = _upload_array(index, x.device), _upload_array(weight, x.device)
     shape = [1] * x.dim()
     shape[dim] = out_size
     acc = None
@@ -326,8 +332,8 @@ def _skimage_linear(image: Tensor, out_h: int, out_w: int) -> Tensor:
     """
     height, width = image.shape[:2]
     device = image.device
-    y0, wy0, wy1 = (torch.from_numpy(a).to(device) for a in _skimage_taps(height, out_h))
-    x0, wx0, wx1 = (torch.from_numpy(a).to(device) for a in _skimage_taps(width, out_w))
+    y0, wy0, wy1 = (_upload_array(a, device) for a in _skimage_taps(height, out_h))
+    x0, wx0, wx1 = (_upload_array(a, device) for a in _skimage_taps(width, out_w))
     padded = F.pad(image.permute(2, 0, 1), (1, 1, 1, 1))  # uint8 [C, H + 2, W + 2], zero border
     rows = (padded.index_select(1, y0), padded.index_select(1, y0 + 1))
     wy = (wy0[:, None], wy1[:, None])

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels._dispatch import host_to_device
+
 __all__ = [
     "filled_columns",
     "image_of_row",
@@ -31,16 +33,14 @@ __all__ = [
 ]
 
 
-def upload(values: Sequence, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host table (nested Python numbers) as a device tensor, without a synchronising copy.
+def upload(values: Sequence | Tensor, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host table (nested Python numbers, or a CPU tensor) as a device tensor, without a
+    synchronising copy (:func:`kernels._dispatch.host_to_device`).
 
     On CUDA the table goes through pinned memory with ``non_blocking=True``: a plain
     ``torch.tensor(..., device="cuda")`` copies from pageable memory and waits for the device.
     """
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    return host_to_device(values, dtype=dtype, device=device)
 
 
 def read_counts(counts: Tensor) -> list[int]:

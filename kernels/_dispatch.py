@@ -42,3 +42,18 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if references_forced():
         return False
     return tensor.is_cuda or triton_forced()
+
+
+def host_to_device(values, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host table (nested Python numbers, or a CPU tensor) on ``device``, without making
+    the host wait for the device.
+
+    On CUDA the table goes through pinned memory with ``non_blocking=True``: a plain
+    ``torch.tensor(..., device="cuda")`` or ``.to("cuda")`` copies from pageable memory and
+    then synchronises the stream. (Torch's caching host allocator keeps the pinned block
+    until the copy is done.) Elsewhere the host tensor itself is returned.
+    """
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

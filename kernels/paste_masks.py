@@ -124,7 +124,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels._checks import describe as _describe
-from kernels._dispatch import use_triton
+from kernels._dispatch import host_to_device, use_triton
 
 try:  # Triton is a Linux-only dependency; the reference works without it.
     import triton
@@ -836,7 +836,7 @@ def paste_masks_triton(
         _paste_masks_kernel[grid](
             masks.contiguous(),
             boxes.contiguous(),
-            meta.to(device),
+            host_to_device(meta, dtype=torch.int64, device=device),
             flat,
             m,
             padding,

@@ -86,7 +86,7 @@ import torch
 from torch import Tensor
 
 from kernels._checks import describe as _describe
-from kernels._dispatch import use_triton
+from kernels._dispatch import host_to_device, use_triton
 
 try:  # triton is an optional dependency (Linux only); the reference needs only torch
     import triton
@@ -813,8 +813,9 @@ def multilevel_roi_align_triton(
         packed[off : off + n].view(B, H, W, C).copy_(f.permute(0, 2, 3, 1))
         meta.extend((off, H, W))
         off += n
-    level_meta = torch.tensor(meta, dtype=torch.int64).to(dev)
-    level_f32 = torch.tensor(list(scales) + list(_level_area_thresholds(level_rule, dev.type)), dtype=torch.float32).to(dev)
+    level_meta = host_to_device(meta, dtype=torch.int64, device=dev)
+    thresholds = _level_area_thresholds(level_rule, dev.type)  # cached per rule: computed on the first call only
+    level_f32 = host_to_device(list(scales) + list(thresholds), dtype=torch.float32, device=dev)
     rois_c = rois.contiguous()
 
     tile = _tile if dev.type == "cuda" else _interpreter_tile  # see the constants above _tile

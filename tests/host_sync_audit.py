@@ -9,6 +9,13 @@ to add unseen. :class:`HostSyncAudit` records every such call made while it is a
 going through the dispatcher (``tolist``, ``cpu``, ``numpy``, ``item``, ``__bool__``,
 ``__int__``, ``__float__``, ``__index__``) are wrapped for its duration.
 
+Uploads that wait for the device are recorded too ("blocking upload"): on CUDA a copy from
+pageable host memory without ``non_blocking=True`` ends in a stream synchronisation. On a CPU
+such a copy is a no-op, so the calls themselves are recorded: ``Tensor.to`` of a CPU tensor to
+a device without ``non_blocking=True``, and ``torch.tensor`` / ``torch.as_tensor`` with a
+``device=``. (``engine.ragged.upload`` / ``kernels._dispatch.host_to_device`` make neither
+call on a CPU device, and a pinned, non-blocking copy on CUDA.)
+
 Kernel entry points can be declared opaque (``opaque={"module.attr": "stage", ...}``): inside
 them nothing is recorded (on CUDA they are single device launches; their own host code is
 audited separately), and each call is counted as a launch of that stage.
@@ -157,8 +164,34 @@ class HostSyncAudit:
                     audit._depth_opaque -= 1
 
             self._patch(module, attr, opaque_call)
+        self._wrap_uploads()
         self._stack.enter_context(_Mode(self))
         return self
+
+    def _wrap_uploads(self) -> None:
+        audit = self
+        original_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device")
+            for a in args:
+                if isinstance(a, (torch.device, str, torch.Tensor)):
+                    target = a
+            if target is not None and tensor.device.type == "cpu" and not kwargs.get("non_blocking", False):
+                if not (len(args) >= 3 and args[2] is True):  # to(device, dtype, non_blocking)
+                    audit._record("blocking upload")
+            return original_to(tensor, *args, **kwargs)
+
+        self._patch(torch.Tensor, "to", to)
+        for name in ("tensor", "as_tensor"):
+            original = getattr(torch, name)
+
+            def factory(*args, __original=original, **kwargs):
+                if kwargs.get("device") is not None:
+                    audit._record("blocking upload")
+                return __original(*args, **kwargs)
+
+            self._patch(torch, name, factory)
 
     def __exit__(self, *exc) -> None:
         self._active = False

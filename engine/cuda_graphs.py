@@ -3,8 +3,10 @@
 The dense part reads no device data on the host, so it can be captured once per input shape
 (batch size, padded height, padded width) and replayed: one graph launch replaces the few
 hundred kernel launches of the convolutions. Post-processing (selection, NMS, RoIAlign, heads,
-paste) keeps running eagerly; it still reads a few counts on the host (see
-:meth:`engine.predictor.Predictor.run`).
+paste) keeps running eagerly. It reads nothing on the host until the detections per image,
+right before the paste (:meth:`engine.predictor.Predictor.run`), but it uploads small host
+tables (anchors, level tables, paste metadata) through pinned buffers that a captured graph
+would replay from stale host addresses; capturing it too awaits a GPU to prove it on.
 
 Shapes are not rounded up to buckets: a larger padded image changes the anchors and the top-k
 per level, so a rounded shape would not give the eager results. Each new shape is captured

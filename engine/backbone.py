@@ -17,8 +17,12 @@ class FrozenBatchNorm2d(nn.Module):
 
     ``scale = weight * rsqrt(running_var + eps)``, ``shift = bias - running_mean * scale``,
     computed as torchvision's ``FrozenBatchNorm2d`` does (its COCO v1 weights use eps = 0).
-    Input and output: float [B, C, H, W].
+    With ``arithmetic = "batch_norm"`` (set by :class:`engine.model.MaskRCNN` from
+    ``config.bn_arithmetic``) it calls ``F.batch_norm`` in eval mode instead, bit for bit what an
+    ``nn.BatchNorm2d`` in eval mode gives (mmdetection). Input and output: float [B, C, H, W].
     """
+
+    arithmetic = "scale_shift"
 
     def __init__(self, num_features: int, *, eps: float) -> None:
         super().__init__()
@@ -29,6 +33,8 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.arithmetic == "batch_norm":
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
         return x * scale + shift

@@ -154,3 +154,20 @@ def large_enough(boxes: Tensor, min_size: float, *, inclusive: bool = True) -> T
 def box_area(boxes: Tensor) -> Tensor:
     """float [N]: (x2 - x1) * (y2 - y1)."""
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def offset_by_group(boxes: Tensor, valid: Tensor, groups: Tensor) -> Tensor:
+    """Boxes moved apart by group, as ``mmcv.ops.batched_nms`` does before one NMS over all groups.
+
+    Per image: ``boxes + groups * (max + 1)`` in float32, with ``max`` the largest coordinate of
+    the image's valid boxes (``mmcv/ops/nms.py``: ``offsets = idxs.to(boxes) * (boxes.max() + 1)``).
+    Boxes of different groups then never overlap, and the IoU of two boxes of one group is
+    computed on the moved coordinates, with their rounding, as mmcv computes it.
+
+    boxes float32 [B, N, 4], valid bool [B, N], groups int64 [B, N] -> float32 [B, N, 4].
+    """
+    lowest = torch.full((), float("-inf"), dtype=boxes.dtype, device=boxes.device)
+    largest = torch.where(valid[..., None], boxes, lowest).amax(dim=(1, 2))  # [B]; -inf without valid boxes
+    step = largest + torch.ones((), dtype=boxes.dtype, device=boxes.device)
+    offsets = groups.to(boxes.dtype) * step[:, None]
+    return boxes + offsets[..., None]

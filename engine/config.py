@@ -67,6 +67,11 @@ class MaskRCNNConfig:
 
     Backbone
         bn_eps: eps of the frozen batch norms (torchvision COCO v1: 0.0; nn.BatchNorm2d: 1e-5).
+        bn_arithmetic: how a frozen batch norm is computed: "scale_shift" (``x * scale + shift`` with
+            ``scale = weight * rsqrt(var + eps)``: torchvision's and Detectron2's ``FrozenBatchNorm2d``)
+            or "batch_norm" (``F.batch_norm`` in eval mode, what ``nn.BatchNorm2d.eval()`` computes:
+            mmdetection's ``norm_eval=True`` ResNet). Both are the same function; their float32
+            roundings differ, and 50 layers make that a 1e-3 difference in the FPN features.
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
         stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
             (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).
@@ -96,6 +101,15 @@ class MaskRCNNConfig:
             levels, clipped to the padded image, one NMS).
         rpn_pad_proposals: pad each image's proposals with zero boxes up to ``rpn_post_nms_top_n``
             (matterport: the padding rows go through the heads like the others).
+
+    Ranking and NMS (RPN and detections)
+        tie_order: order among equal scores: "stable" (candidate order) or "torch_sort"
+            (mmdetection: the per-level top-k is ``torch.sort`` of the probabilities, and NMS
+            visits and returns boxes in the arrangement of mmcv's ``torch.sort`` calls on each
+            image's compacted candidates, replayed by :mod:`engine.tie_order` where host reads
+            are free; on CUDA the NMS order among exact ties stays stable).
+        nms_group_offsets: NMS on boxes moved apart by group (``mmcv.ops.batched_nms``; see
+            :func:`engine.boxes.offset_by_group`), so that IoUs carry the same rounding.
 
     Box coder (shared by RPN and box head)
         box_delta_clip: dw, dh limit, log(1000/16).
@@ -157,6 +171,9 @@ class MaskRCNNConfig:
     resize_mode: str = "shortest_edge"
     # backbone
     bn_eps: float = 0.0
+    bn_arithmetic: str = "scale_shift"
+    tie_order: str = "stable"
+    nms_group_offsets: bool = False
     stride_in_1x1: bool = False
     stem_pool: str = "torch"
     # anchors
@@ -206,6 +223,8 @@ class MaskRCNNConfig:
         _one_of("channel_order", self.channel_order, ("RGB", "BGR"))
         _one_of("resize_rounding", self.resize_rounding, _RESIZE_ROUNDINGS)
         _one_of("resize_method", self.resize_method, _RESIZE_METHODS)
+        _one_of("bn_arithmetic", self.bn_arithmetic, ("scale_shift", "batch_norm"))
+        _one_of("tie_order", self.tie_order, ("stable", "torch_sort"))
         if self.normalize_before_resize and self.resize_method != "torch_bilinear":
             raise ValueError(
                 f"resize_method={self.resize_method!r} resizes the uint8 image, before normalisation; "
@@ -308,6 +327,9 @@ DETECTRON2_MASK_RCNN_R50_FPN = MaskRCNNConfig(
 #: mmdetection 2.x / 3.x ``mask-rcnn_r50_fpn_1x_coco``: section C of the reference notes.
 MMDET_MASK_RCNN_R50_FPN = MaskRCNNConfig(
     name="mmdet_mask_rcnn_r50_fpn",
+    bn_arithmetic="batch_norm",
+    tie_order="torch_sort",
+    nms_group_offsets=True,
     channel_order="RGB",
     input_scale=1.0,
     pixel_mean=(123.675, 116.28, 103.53),

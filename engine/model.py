@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.anchors import grid_anchors, normalize_boxes
-from engine.backbone import Backbone
+from engine.backbone import Backbone, FrozenBatchNorm2d
 from engine.config import MaskRCNNConfig
 from engine.preprocess import ImageBatch
 from engine.ragged import padded_rois, read_counts
@@ -134,7 +134,8 @@ class MaskRCNN(nn.Module):
     padding past the largest count is cut after the RPN and after the detections, at the cost
     of one host read each: free on the CPU, where it saves the heads' work on padding rows,
     but a synchronisation on CUDA. ``Predictor`` sets it for CPU devices only; the results
-    are the same either way.
+    are the same either way, except with ``tie_order="torch_sort"`` (mmdetection), whose
+    order among equal scores is replayed exactly only where host reads are allowed.
     """
 
     def __init__(self, *, spec: ArchitectureSpec, config: MaskRCNNConfig, precision: str = "fp32") -> None:
@@ -167,6 +168,9 @@ class MaskRCNN(nn.Module):
             )
         )
         self.roi_heads = _RoIHeads(spec, box_pool_size=config.box_pool_size, bn_eps=config.bn_eps)
+        for module in self.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.arithmetic = config.bn_arithmetic
 
     def _network_precision(self, device: torch.device):
         """Autocast for the convolutional and fully connected parts, or nothing in fp32 mode."""
@@ -223,7 +227,9 @@ class MaskRCNN(nn.Module):
         )
         if normalized:
             anchors = [normalize_boxes(a, padded) for a in anchors]
-        proposals = select_proposals(objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg)
+        proposals = select_proposals(
+            objectness, flat_deltas, anchors, per_level, batch.image_sizes, config=cfg, host_reads=self.trim_padding
+        )
         if self.trim_padding:
             proposals = proposals.trimmed(_largest(proposals.counts))
         return proposals
@@ -277,7 +283,13 @@ class MaskRCNN(nn.Module):
             class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
         detections = postprocess_detections(
-            class_logits, box_deltas, proposals, batch.image_sizes, config=self.config, windows=image_windows(batch, self.config)
+            class_logits,
+            box_deltas,
+            proposals,
+            batch.image_sizes,
+            config=self.config,
+            windows=image_windows(batch, self.config),
+            host_reads=self.trim_padding,
         )
         if self.trim_padding:
             detections = detections.trimmed(_largest(detections.counts))

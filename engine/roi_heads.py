@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbone import ConvNorm
-from engine.boxes import clip_boxes_per_row, decode_with_config, large_enough
+from engine.boxes import clip_boxes_per_row, decode_with_config, large_enough, offset_by_group
 from engine.config import MaskRCNNConfig
 from engine.ragged import filled_columns, pad_rows, rank_kept, take_rows, upload
 from engine.rpn import BatchProposals
+from engine.tie_order import batched_nms_final_keys, batched_nms_visit_keys
 from kernels.nms import segmented_nms_keep
 
 
@@ -170,6 +171,7 @@ def postprocess_detections(
     *,
     config: MaskRCNNConfig,
     windows: list[tuple[float, float, float, float]] | None = None,
+    host_reads: bool = False,
 ) -> BatchDetections:
     """Turn box-head outputs into final detections per image, without a host read.
 
@@ -181,6 +183,8 @@ def postprocess_detections(
         image_sizes: resized (h, w) per image.
         windows: per image (x1, y1, x2, y2) region the boxes are clipped to with
             ``detection_rule="argmax"`` (the image inside the padding, in the boxes' frame).
+        host_reads: may read device data on the host (the CPU path); only
+            ``tie_order="torch_sort"`` uses it (see :mod:`engine.tie_order`).
 
     Returns:
         :class:`BatchDetections`, at most ``detections_per_image`` per image.
@@ -215,24 +219,32 @@ def postprocess_detections(
         scores.shape
     )
     valid &= filled_columns(proposals.counts, width)[:, :, None]
-    # a segment per (image, class): its P candidates in proposal order
-    keep = segmented_nms_keep(
-        boxes.permute(0, 2, 1, 3).reshape(-1, width, 4),
-        scores.permute(0, 2, 1).reshape(-1, width),
-        valid.permute(0, 2, 1).reshape(-1, width),
-        config.nms_threshold,
-    )
-    keep = keep.view(num_images, classes, width).permute(0, 2, 1).reshape(num_images, -1)
-    labels = labels_fg.view(1, 1, -1).expand(num_images, width, classes).reshape(num_images, -1)
-    return _rank_detections(
-        boxes.reshape(num_images, -1, 4), scores.reshape(num_images, -1), labels, keep, config.detections_per_image
-    )
+    flat_boxes, flat_scores, flat_valid = boxes.reshape(num_images, -1, 4), scores.reshape(num_images, -1), valid.reshape(num_images, -1)
+    classes_of = torch.arange(classes, device=device).view(1, 1, -1).expand(num_images, width, classes).reshape(num_images, -1)
+    nms_boxes = offset_by_group(flat_boxes, flat_valid, classes_of) if config.nms_group_offsets else flat_boxes
+    visit = final = flat_scores
+    if config.tie_order == "torch_sort" and host_reads:
+        visit = batched_nms_visit_keys(flat_scores, flat_valid, classes_of)
+
+    def per_class(t: Tensor) -> Tensor:  # [B, P * C', ...] -> segments [B * C', P, ...], one per (image, class)
+        t = t.view((num_images, width, classes) + tuple(t.shape[2:]))
+        return t.transpose(1, 2).reshape((num_images * classes, width) + tuple(t.shape[3:]))
+
+    keep = segmented_nms_keep(per_class(nms_boxes), per_class(visit), per_class(flat_valid), config.nms_threshold)
+    keep = keep.view(num_images, classes, width).transpose(1, 2).reshape(num_images, -1)
+    if visit is not flat_scores:
+        final = batched_nms_final_keys(flat_scores, flat_valid, keep, visit)
+    labels = labels_fg[classes_of]
+    return _rank_detections(flat_boxes, flat_scores, labels, keep, config.detections_per_image, keys=final)
 
 
-def _rank_detections(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, k: int) -> BatchDetections:
+def _rank_detections(
+    boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, k: int, *, keys: Tensor | None = None
+) -> BatchDetections:
     """Each image's best ``k`` kept candidates (boxes [B, N, 4], scores [B, N], labels [B, N],
-    keep [B, N]), by descending score, ties in candidate order (as ``torchvision.ops.batched_nms``)."""
-    order, counts = rank_kept(scores, keep, k)
+    keep [B, N]), by descending score (or ``keys``), ties in candidate order (as
+    ``torchvision.ops.batched_nms``)."""
+    order, counts = rank_kept(scores if keys is None else keys, keep, k)
     filled = filled_columns(counts, order.shape[1])
     return BatchDetections(
         boxes=take_rows(boxes, order, filled),

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.boxes import clip_boxes, clip_boxes_per_row, decode_with_config, large_enough
+from engine.boxes import clip_boxes, clip_boxes_per_row, decode_with_config, large_enough, offset_by_group
 from engine.config import MaskRCNNConfig
 from engine.ragged import filled_columns, pad_rows, rank_kept, take_rows, upload
+from engine.tie_order import batched_nms_final_keys, batched_nms_visit_keys
 from kernels.nms import segmented_nms_keep
 
 
@@ -113,6 +114,7 @@ def select_proposals(
     image_sizes: list[tuple[int, int]],
     *,
     config: MaskRCNNConfig,
+    host_reads: bool = False,
 ) -> BatchProposals:
     """Decode, rank and suppress proposals for each image.
 
@@ -122,22 +124,31 @@ def select_proposals(
         anchors: per level float32 [n_l, 4] in padded-image pixels (the same for every image).
         anchors_per_level: n_l per level.
         image_sizes: resized (h, w) per image, used for clipping.
+        host_reads: the selection may read device data on the host (the CPU path): only used by
+            ``tie_order="torch_sort"``, to replay mmdetection's sorts on compacted arrays.
 
     Returns:
         :class:`BatchProposals`: per image at most ``rpn_post_nms_top_n`` proposals by descending
         score (exactly that many, zero boxes included, with ``rpn_pad_proposals``).
     """
     if config.rpn_selection == "global":
-        return _select_global(objectness, deltas, torch.cat(anchors), image_sizes, config=config)
+        return _select_global(objectness, deltas, torch.cat(anchors), image_sizes, config=config, host_reads=host_reads)
     num_images = objectness.shape[0]
     device = objectness.device
     all_anchors = torch.cat(anchors)
 
-    # top-k per level on the raw logits
+    # top-k per level: on the raw logits (torchvision, Detectron2), or, with tie_order="torch_sort",
+    # mmdetection's torch.sort of the probabilities, only for levels with more anchors than k
     top_idx, group_sizes, offset = [], [], 0
     for count in anchors_per_level:
         k = min(config.rpn_pre_nms_top_n, count)
-        _, idx = objectness[:, offset : offset + count].topk(k, dim=1)
+        level = objectness[:, offset : offset + count]
+        if config.tie_order != "torch_sort":
+            idx = level.topk(k, dim=1).indices
+        elif k < count:
+            idx = torch.sort(torch.sigmoid(level), dim=1, descending=True).indices[:, :k]
+        else:
+            idx = torch.arange(count, device=device).expand(num_images, count)
         top_idx.append(idx + offset)
         group_sizes.append(k)
         offset += count
@@ -153,10 +164,12 @@ def select_proposals(
     ).view(num_images, -1, 4)
     boxes = clip_boxes_per_row(boxes, upload(image_sizes, dtype=torch.float32, device=device))
     # one NMS for the batch: a segment per (image, level)
-    return _nms_and_rank(boxes, scores, group_sizes, config=config)
+    return _nms_and_rank(boxes, scores, group_sizes, config=config, host_reads=host_reads)
 
 
-def _nms_and_rank(boxes: Tensor, scores: Tensor, group_sizes: list[int], *, config: MaskRCNNConfig) -> BatchProposals:
+def _nms_and_rank(
+    boxes: Tensor, scores: Tensor, group_sizes: list[int], *, config: MaskRCNNConfig, host_reads: bool = False
+) -> BatchProposals:
     """Size and score filter, NMS within groups, the best ``rpn_post_nms_top_n`` per image.
 
     boxes [B, N, 4], scores [B, N]; each image's N columns are consecutive NMS groups of
@@ -166,8 +179,16 @@ def _nms_and_rank(boxes: Tensor, scores: Tensor, group_sizes: list[int], *, conf
     top_n = config.rpn_post_nms_top_n
     valid = large_enough(boxes.reshape(-1, 4), config.rpn_min_size, inclusive=config.rpn_min_size_inclusive)
     valid = valid.view(num_images, n) & (scores >= config.rpn_score_threshold)
-    keep = _keep_per_group(boxes, scores, valid, group_sizes, config.rpn_nms_threshold)
-    order, counts = rank_kept(scores, keep, top_n)
+    groups = torch.cat([torch.full((size,), g, dtype=torch.int64, device=scores.device) for g, size in enumerate(group_sizes)])
+    groups = groups.expand(num_images, n)
+    nms_boxes = offset_by_group(boxes, valid, groups) if config.nms_group_offsets else boxes
+    visit = final = scores
+    if config.tie_order == "torch_sort" and host_reads:
+        visit = batched_nms_visit_keys(scores, valid, groups)
+    keep = _keep_per_group(nms_boxes, visit, valid, group_sizes, config.rpn_nms_threshold)
+    if visit is not scores:
+        final = batched_nms_final_keys(scores, valid, keep, visit)
+    order, counts = rank_kept(final, keep, top_n)
     filled = filled_columns(counts, order.shape[1])
     boxes, scores = take_rows(boxes, order, filled), take_rows(scores, order, filled)
     if config.rpn_pad_proposals:  # matterport: exactly top_n per image, zero boxes included
@@ -196,7 +217,13 @@ def _keep_per_group(boxes: Tensor, scores: Tensor, valid: Tensor, group_sizes: l
 
 
 def _select_global(
-    objectness: Tensor, deltas: Tensor, anchors: Tensor, image_sizes: list[tuple[int, int]], *, config: MaskRCNNConfig
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    image_sizes: list[tuple[int, int]],
+    *,
+    config: MaskRCNNConfig,
+    host_reads: bool = False,
 ) -> BatchProposals:
     """matterport's ``ProposalLayer`` (see the module docstring); boxes in the anchors' frame.
 
@@ -217,4 +244,4 @@ def _select_global(
         b = clip_boxes(b, (1.0, 1.0))
     else:
         b = clip_boxes_per_row(b, upload(image_sizes, dtype=torch.float32, device=device))
-    return _nms_and_rank(b, s, [k], config=config)
+    return _nms_and_rank(b, s, [k], config=config, host_reads=host_reads)

@@ -191,6 +191,32 @@ _BITS_PER_WORD = 64  # suppression bitmask words are int64
 if _HAS_TRITON:
 
     @triton.jit
+    def _suppression_words(row_x1, row_y1, row_x2, row_y2, col_x1, col_y1, col_x2, col_y2, pair_ok, iou_threshold):
+        """int64 [BLOCK_ROWS, BLOCK_WORDS] bitmask words of one tile, for both mask kernels.
+
+        Rows are [BLOCK_ROWS] boxes, columns [BLOCK_WORDS, 64] boxes; bit b of a word is set when
+        ``pair_ok`` and IoU > ``iou_threshold``, the IoU in float32 as torchvision computes it.
+        """
+        row_area = (row_x2 - row_x1) * (row_y2 - row_y1)
+        col_area = (col_x2 - col_x1) * (col_y2 - col_y1)
+        # [BLOCK_ROWS, BLOCK_WORDS, 64] pairs; NaN/inf coordinates make the union NaN,
+        # so min/max NaN conventions cannot change the comparison below
+        inter_w = tl.minimum(row_x2[:, None, None], col_x2[None, :, :]) - tl.maximum(
+            row_x1[:, None, None], col_x1[None, :, :]
+        )
+        inter_h = tl.minimum(row_y2[:, None, None], col_y2[None, :, :]) - tl.maximum(
+            row_y1[:, None, None], col_y1[None, :, :]
+        )
+        inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+        union = (row_area[:, None, None] + col_area[None, :, :]) - inter
+        iou = tl.math.div_rn(inter, union)
+        suppresses = (iou > iou_threshold) & pair_ok
+        bit = tl.arange(0, 64)
+        bit_value = tl.full([64], 1, tl.int64) << bit.to(tl.int64)  # bit 63 is the sign bit
+        # distinct powers of two: their sum is their bitwise OR (no carries, no overflow)
+        return tl.sum(tl.where(suppresses, bit_value[None, None, :], 0), axis=2)
+
+    @triton.jit
     def _nms_suppression_mask_kernel(
         boxes_ptr,  # float32 [N, 4] x1 y1 x2 y2, sorted: segments by group, descending score inside
         segment_ids_ptr,  # int32 [N], the segment of each sorted box (non-decreasing)
@@ -235,27 +261,10 @@ if _HAS_TRITON:
             row_segment = tl.load(segment_ids_ptr + rows, mask=row_ok, other=-1)
             col_segment = tl.load(segment_ids_ptr + cols, mask=col_ok, other=-2)
 
-            row_area = (row_x2 - row_x1) * (row_y2 - row_y1)
-            col_area = (col_x2 - col_x1) * (col_y2 - col_y1)
-            # [BLOCK_ROWS, BLOCK_WORDS, 64] pairs; NaN/inf coordinates make the union NaN,
-            # so min/max NaN conventions cannot change the comparison below
-            inter_w = tl.minimum(row_x2[:, None, None], col_x2[None, :, :]) - tl.maximum(
-                row_x1[:, None, None], col_x1[None, :, :]
+            pair_ok = (cols[None, :, :] > rows[:, None, None]) & (col_segment[None, :, :] == row_segment[:, None, None])
+            word_bits = _suppression_words(
+                row_x1, row_y1, row_x2, row_y2, col_x1, col_y1, col_x2, col_y2, pair_ok, iou_threshold
             )
-            inter_h = tl.minimum(row_y2[:, None, None], col_y2[None, :, :]) - tl.maximum(
-                row_y1[:, None, None], col_y1[None, :, :]
-            )
-            inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
-            union = (row_area[:, None, None] + col_area[None, :, :]) - inter
-            iou = tl.math.div_rn(inter, union)
-            suppresses = (
-                (iou > iou_threshold)
-                & (cols[None, :, :] > rows[:, None, None])
-                & (col_segment[None, :, :] == row_segment[:, None, None])
-            )
-            bit_value = tl.full([64], 1, tl.int64) << bit.to(tl.int64)  # bit 63 is the sign bit
-            # distinct powers of two: their sum is their bitwise OR (no carries, no overflow)
-            word_bits = tl.sum(tl.where(suppresses, bit_value[None, None, :], 0), axis=2)
             dst = mask_ptr + rows[:, None].to(tl.int64) * num_words + words[None, :]
             tl.store(dst, word_bits, mask=row_ok[:, None] & (words < num_words)[None, :])
 
@@ -554,21 +563,10 @@ if _HAS_TRITON:
             col_x2 = tl.load(col_ptr + 2, mask=col_ok, other=1.0)
             col_y2 = tl.load(col_ptr + 3, mask=col_ok, other=1.0)
 
-            row_area = (row_x2 - row_x1) * (row_y2 - row_y1)
-            col_area = (col_x2 - col_x1) * (col_y2 - col_y1)
-            inter_w = tl.minimum(row_x2[:, None, None], col_x2[None, :, :]) - tl.maximum(
-                row_x1[:, None, None], col_x1[None, :, :]
+            pair_ok = (cols[None, :, :] > rows[:, None, None]) & col_ok[None, :, :]
+            word_bits = _suppression_words(
+                row_x1, row_y1, row_x2, row_y2, col_x1, col_y1, col_x2, col_y2, pair_ok, iou_threshold
             )
-            inter_h = tl.minimum(row_y2[:, None, None], col_y2[None, :, :]) - tl.maximum(
-                row_y1[:, None, None], col_y1[None, :, :]
-            )
-            inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
-            union = (row_area[:, None, None] + col_area[None, :, :]) - inter
-            iou = tl.math.div_rn(inter, union)
-            suppresses = (iou > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & col_ok[None, :, :]
-            bit_value = tl.full([64], 1, tl.int64) << bit.to(tl.int64)  # bit 63 is the sign bit
-            # distinct powers of two: their sum is their bitwise OR (no carries, no overflow)
-            word_bits = tl.sum(tl.where(suppresses, bit_value[None, None, :], 0), axis=2)
             dst = mask_ptr + (base + rows)[:, None] * num_words + words[None, :]
             tl.store(dst, word_bits, mask=row_ok[:, None] & (words < num_words)[None, :])
 

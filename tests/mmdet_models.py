@@ -23,9 +23,8 @@ import os
 
 import numpy as np
 import torch
-from torch import nn
 
-from checkpoints import photographs
+from checkpoints import calibrate_batch_norm, photographs
 
 #: the Mask R-CNN configs of the design card's model-zoo table (mmdetection 3.3 names)
 ZOO_CONFIGS = (
@@ -60,12 +59,7 @@ def build_model(name: str, *, seed: int = 0, rpn_scale: float = 0.2, calibration
     torch.manual_seed(seed)
     model = init_detector(cfg, checkpoint=None, device="cpu")
     g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
-        for bn in bns:
-            bn.weight.uniform_(0.5, 1.5, generator=g)
-            bn.bias.normal_(0.0, 0.2, generator=g)
-            bn.reset_running_stats()
         box = model.roi_head.bbox_head
         box.fc_cls.weight.normal_(0.0, 0.05, generator=g)
         box.fc_cls.bias.normal_(0.0, 0.5, generator=g)
@@ -78,25 +72,8 @@ def build_model(name: str, *, seed: int = 0, rpn_scale: float = 0.2, calibration
         mask = model.roi_head.mask_head
         mask.conv_logits.weight.mul_(3.0)
         mask.conv_logits.bias.normal_(0.0, 1.0, generator=g)
-
-    def calibrate(bn, inputs):
-        x = inputs[0]
-        if getattr(bn, "_calibrated", False) or x.numel() == 0:
-            return
-        with torch.no_grad():
-            var, mean = torch.var_mean(x, dim=(0, 2, 3))
-            std = var.clamp(min=1e-4).sqrt()
-            bn.running_mean.copy_(mean + 0.3 * std * torch.randn(std.shape, generator=g))
-            bn.running_var.copy_(std.square() * torch.empty_like(std).uniform_(0.6, 1.6, generator=g))
-        bn._calibrated = True
-
-    hooks = [bn.register_forward_pre_hook(calibrate) for bn in bns]
     image = photographs(("astronaut",))[0] if calibration is None else calibration
-    inference_detector(model, bgr(image))
-    for hook in hooks:
-        hook.remove()
-    for bn in bns:
-        bn.__dict__.pop("_calibrated", None)
+    calibrate_batch_norm(model, lambda: inference_detector(model, bgr(image)), g)
     return cfg, model.eval()
 
 

@@ -44,6 +44,18 @@ The meta (C.10) supplies what the tensors cannot: class names (2.x ``CLASSES``, 
 ``dataset_meta['classes']``), versions, and from the config text (2.x ``config``, 3.x ``cfg``) the
 ResNet ``style`` (``'caffe'``: stride in the 1x1 conv) and the pixel normalisation, read only
 where the text states them unambiguously (:class:`MMDetectionNotes`).
+
+2.x files are run with mmdetection 3.3's inference rules, which is what mmdetection 3.3 gives on
+them (its key names for Mask R-CNN are 2.x's; ``tests/test_mmdetection_parity.py`` checks a 2.x
+container against mmdetection 3.3, bit for bit). mmdetection 2.x's own inference, read from its
+source and not run here (2.x needs mmcv 1.x), differed in two places that change float rounding,
+not rules: its ``Normalize`` transform normalised the uint8 image in numpy on the host
+(``mmcv/image/photometric.py imnormalize_``: ``cv2.subtract`` of the mean, then ``cv2.multiply``
+by ``1 / std``) where 3.x divides by ``std`` in torch (``mmengine/model/base_model/
+data_preprocessor.py``); and ``MaskTestMixin.simple_test_mask`` (``mmdet/models/roi_heads/
+test_mixins.py``) pooled the masks of boxes already divided by ``scale_factor`` and multiplied
+back (``det_bboxes * scale_factor``), where 3.x pools the unscaled boxes
+(``StandardRoIHead.predict``, ``bbox_rescale = False`` with a mask head).
 """
 
 from __future__ import annotations

@@ -78,12 +78,14 @@ def assert_same_detections(ours, theirs, where: str) -> None:
 @pytest.mark.parametrize("name", ZOO_CONFIGS)
 def test_zoo_config_matches_mmdetection(built, name):
     """Every config family of the zoo table, one photograph, the whole run."""
-    _, model, path = built(name)
+    cfg, model, path = built(name)
     image = photographs(("astronaut",))[0]
     predictor = Predictor(path)
     assert predictor.family == "mmdetection"
-    caffe = "caffe" in name
-    assert predictor.config.channel_order == ("BGR" if caffe else "RGB") and predictor.config.stride_in_1x1 == caffe
+    # what the file's config says (x101-32x8d: BGR input with the pytorch style)
+    rgb = cfg.model.data_preprocessor.get("bgr_to_rgb", False)
+    assert predictor.config.channel_order == ("RGB" if rgb else "BGR")
+    assert predictor.config.stride_in_1x1 == (cfg.model.backbone.get("style", "pytorch") == "caffe")
     assert_same_detections(predictor.run([image])[0], mmdet_apis.inference_detector(model, bgr(image)).pred_instances, name)
 
 

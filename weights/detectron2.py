@@ -436,39 +436,24 @@ _REVERSE = (
 )
 
 
+_LAYOUT = layout.FamilyLayout(
+    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, bn_eps=BN_EPS, stage_prefix=lambda t: f"backbone.bottom_up.res{t + 1}"
+)
+_count, _require, _dim = _LAYOUT.count, _LAYOUT.require, _LAYOUT.dim
+
+
 def detectron2_name(canonical: str, *, box_head_convs: int = 0, rpn_conv_depth: int = 1) -> str:
     """Detectron2's name for an engine (canonical) parameter name.
 
     Raises:
         KeyError: the name has no Detectron2 counterpart.
     """
-    return layout.family_name(
-        _REVERSE, canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth, family=FAMILY
-    )
-
-
-def _expected_shapes(spec: ArchitectureSpec, box_pool_size: int) -> dict[str, tuple[int, ...]]:
-    return layout.expected_shapes(spec, box_pool_size=box_pool_size, bn_eps=BN_EPS)
+    return _LAYOUT.name(canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth)
 
 
 def name_map(spec: ArchitectureSpec, *, box_pool_size: int = 7, _shapes: Mapping | None = None) -> dict[str, str]:
     """Detectron2 name -> canonical name of every tensor of a network with these sizes."""
-    return layout.name_map(detectron2_name, spec, _expected_shapes(spec, box_pool_size) if _shapes is None else _shapes)
-
-
-# --- sizes -----------------------------------------------------------------------------------
-
-
-def _count(state: Mapping[str, Tensor], pattern: str) -> list[int]:
-    return layout.indices(state, pattern)
-
-
-def _require(state: Mapping[str, Tensor], keys: Iterable[str], why: str = "") -> None:
-    layout.require(state, keys, family=FAMILY, expected=_EXPECTED, why=why)
-
-
-def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
-    return layout.dim(state, key, axis, family=FAMILY)
+    return _LAYOUT.name_map(spec, box_pool_size=box_pool_size, shapes=_shapes)
 
 
 def architecture(state: Mapping[str, Tensor]) -> tuple[ArchitectureSpec, int]:
@@ -479,21 +464,7 @@ def architecture(state: Mapping[str, Tensor]) -> tuple[ArchitectureSpec, int]:
             the engine does not run (no mask head, class-agnostic heads, other box heads).
     """
     _require(state, SIGNATURE_KEYS)
-    bu = "backbone.bottom_up"
-    blocks = tuple(len(_count(state, rf"^{bu}\.res{s}\.(\d+)\.conv1\.weight$")) for s in (2, 3, 4, 5))
-    if min(blocks) == 0:
-        raise CheckpointError(
-            f"backbone stages res2..res5 have {blocks} blocks; every stage needs at least one "
-            f"({bu}.res{{2..5}}.0.conv1.weight); {_EXPECTED}"
-        )
-    _require(
-        state,
-        [f"{bu}.res{s}.0.conv{k}.weight" for s in (2, 3, 4, 5) for k in (1, 3)],
-        " (only bottleneck ResNets / ResNeXts are supported)",
-    )
-    widths = tuple(_dim(state, f"{bu}.res{s}.0.conv1.weight", 0) for s in (2, 3, 4, 5))
-    outs = tuple(_dim(state, f"{bu}.res{s}.0.conv3.weight", 0) for s in (2, 3, 4, 5))
-    groups = max(widths[0] // max(_dim(state, f"{bu}.res2.0.conv2.weight", 1), 1), 1)
+    blocks, widths, outs, groups = _LAYOUT.bottleneck_stages(state)
 
     if "proposal_generator.rpn_head.conv.weight" in state:
         rpn_depth = 1
@@ -596,7 +567,7 @@ def convert(state: Mapping) -> tuple[dict[str, Tensor], ArchitectureSpec, Detect
     params = {k: v for k, v in state.items() if not _IGNORED.search(k)}
 
     spec, pool = architecture(params)
-    shapes = _expected_shapes(spec, pool)
+    shapes = layout.expected_shapes(spec, box_pool_size=pool, bn_eps=BN_EPS)
     names = name_map(spec, box_pool_size=pool, _shapes=shapes)
 
     # FrozenBN saved without running statistics (Detectron2 fills them with 0 and 1)

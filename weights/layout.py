@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -73,3 +74,66 @@ def dim(state: Mapping[str, Tensor], key: str, axis: int, *, family: str) -> int
     if axis >= len(shape):
         raise CheckpointError(f"{key} has shape {shape}; a {family} Mask R-CNN has more dimensions there")
     return int(shape[axis])
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """One family's naming bound to the helpers above: what each reader needs, written once.
+
+    Attributes:
+        family: the family's display name ("Detectron2", "mmdetection").
+        rules: canonical-name pattern -> family-name builder (:data:`Rules`).
+        expected: what a complete checkpoint of the family holds, for error messages.
+        bn_eps: the family's batch-norm eps (for the shapes of the engine's network).
+        stage_prefix: the key prefix of ResNet stage ``t`` = 1..4 (``backbone.layer{t}``, or
+            Detectron2's ``backbone.bottom_up.res{t + 1}``).
+    """
+
+    family: str
+    rules: Rules
+    expected: str
+    bn_eps: float
+    stage_prefix: Callable[[int], str]
+
+    def name(self, canonical: str, *, box_head_convs: int = 0, rpn_conv_depth: int = 1) -> str:
+        """The family's name for a canonical parameter name (KeyError when it has none)."""
+        return family_name(
+            self.rules, canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth, family=self.family
+        )
+
+    def name_map(self, spec: ArchitectureSpec, *, box_pool_size: int = 7, shapes: Mapping | None = None) -> dict[str, str]:
+        """Family name -> canonical name of every tensor of a network with these sizes."""
+        if shapes is None:
+            shapes = expected_shapes(spec, box_pool_size=box_pool_size, bn_eps=self.bn_eps)
+        return name_map(self.name, spec, shapes)
+
+    def count(self, state: Mapping[str, Tensor], pattern: str) -> list[int]:
+        return indices(state, pattern)
+
+    def require(self, state: Mapping, keys: Iterable[str], why: str = "") -> None:
+        require(state, keys, family=self.family, expected=self.expected, why=why)
+
+    def dim(self, state: Mapping[str, Tensor], key: str, axis: int) -> int:
+        return dim(state, key, axis, family=self.family)
+
+    def bottleneck_stages(self, state: Mapping[str, Tensor]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+        """The ResNet / ResNeXt body's sizes from the stage keys: blocks per stage, inner widths,
+        output channels, and the groups of the 3x3 convs.
+
+        Raises:
+            CheckpointError: a stage without blocks, or not a bottleneck network.
+        """
+        stages = [self.stage_prefix(t) for t in (1, 2, 3, 4)]
+        blocks = tuple(len(indices(state, rf"^{re.escape(p)}\.(\d+)\.conv1\.weight$")) for p in stages)
+        if min(blocks) == 0:
+            raise CheckpointError(
+                f"backbone stages {stages[0]} .. {stages[-1]} have {blocks} blocks; every stage needs at "
+                f"least one ({stages[0]}.0.conv1.weight ...); {self.expected}"
+            )
+        self.require(
+            state, [f"{p}.0.conv{k}.weight" for p in stages for k in (1, 3)], " (only bottleneck ResNets / ResNeXts are supported)"
+        )
+        widths = tuple(self.dim(state, f"{p}.0.conv1.weight", 0) for p in stages)
+        outs = tuple(self.dim(state, f"{p}.0.conv3.weight", 0) for p in stages)
+        groups = max(widths[0] // max(self.dim(state, f"{stages[0]}.0.conv2.weight", 1), 1), 1)
+        return blocks, widths, outs, groups

@@ -403,39 +403,24 @@ _REVERSE = (
 )
 
 
+_LAYOUT = layout.FamilyLayout(
+    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, bn_eps=BN_EPS, stage_prefix=lambda t: f"backbone.layer{t}"
+)
+_count, _require, _dim = _LAYOUT.count, _LAYOUT.require, _LAYOUT.dim
+
+
 def mmdetection_name(canonical: str, *, box_head_convs: int = 0, rpn_conv_depth: int = 1) -> str:
     """mmdetection's name for an engine (canonical) parameter name.
 
     Raises:
         KeyError: the name has no mmdetection counterpart.
     """
-    return layout.family_name(
-        _REVERSE, canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth, family=FAMILY
-    )
-
-
-def _expected_shapes(spec: ArchitectureSpec, box_pool_size: int) -> dict[str, tuple[int, ...]]:
-    return layout.expected_shapes(spec, box_pool_size=box_pool_size, bn_eps=BN_EPS)
+    return _LAYOUT.name(canonical, box_head_convs=box_head_convs, rpn_conv_depth=rpn_conv_depth)
 
 
 def name_map(spec: ArchitectureSpec, *, box_pool_size: int = 7, _shapes: Mapping | None = None) -> dict[str, str]:
     """mmdetection name -> canonical name of every tensor of a network with these sizes."""
-    return layout.name_map(mmdetection_name, spec, _expected_shapes(spec, box_pool_size) if _shapes is None else _shapes)
-
-
-# --- sizes -----------------------------------------------------------------------------------
-
-
-def _count(state: Mapping[str, Tensor], pattern: str) -> list[int]:
-    return layout.indices(state, pattern)
-
-
-def _require(state: Mapping[str, Tensor], keys: Iterable[str], why: str = "") -> None:
-    layout.require(state, keys, family=FAMILY, expected=_EXPECTED, why=why)
-
-
-def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
-    return layout.dim(state, key, axis, family=FAMILY)
+    return _LAYOUT.name_map(spec, box_pool_size=box_pool_size, shapes=_shapes)
 
 
 def _refuse_other_detectors(state: Mapping[str, Tensor]) -> None:
@@ -476,20 +461,7 @@ def architecture(state: Mapping[str, Tensor]) -> tuple[ArchitectureSpec, int]:
     """
     _refuse_other_detectors(state)
     _require(state, SIGNATURE_KEYS)
-    blocks = tuple(len(_count(state, rf"^backbone\.layer{t}\.(\d+)\.conv1\.weight$")) for t in (1, 2, 3, 4))
-    if min(blocks) == 0:
-        raise CheckpointError(
-            f"backbone stages layer1..layer4 have {blocks} blocks; every stage needs at least one "
-            f"(backbone.layer{{1..4}}.0.conv1.weight); {_EXPECTED}"
-        )
-    _require(
-        state,
-        [f"backbone.layer{t}.0.conv{k}.weight" for t in (1, 2, 3, 4) for k in (1, 3)],
-        " (only bottleneck ResNets / ResNeXts are supported)",
-    )
-    widths = tuple(_dim(state, f"backbone.layer{t}.0.conv1.weight", 0) for t in (1, 2, 3, 4))
-    outs = tuple(_dim(state, f"backbone.layer{t}.0.conv3.weight", 0) for t in (1, 2, 3, 4))
-    groups = max(widths[0] // max(_dim(state, "backbone.layer1.0.conv2.weight", 1), 1), 1)
+    blocks, widths, outs, groups = _LAYOUT.bottleneck_stages(state)
 
     # RPN: sigmoid objectness, A channels (C.5); a softmax head has 2A
     if "rpn_head.rpn_conv.weight" in state:
@@ -716,7 +688,7 @@ def convert(state) -> tuple[dict[str, Tensor], ArchitectureSpec, MMDetectionNote
     params = {k: v for k, v in tensors.items() if not _IGNORED.search(k)}
 
     spec, pool = architecture(params)
-    shapes = _expected_shapes(spec, pool)
+    shapes = layout.expected_shapes(spec, box_pool_size=pool, bn_eps=BN_EPS)
     names = name_map(spec, box_pool_size=pool, _shapes=shapes)
 
     unmapped = [k for k in params if k not in names]

@@ -49,7 +49,8 @@ def compare(ours, theirs) -> dict:
         out["matched"] += 1
         out["max_score_error"] = max(out["max_score_error"], float((theirs.scores[i] - ours.scores[j[i]]).abs()))
         a, b = theirs.masks[i], ours.masks[j[i]]
-        out["mask_ious"].append(float((a & b).sum()) / max(float((a | b).sum()), 1.0))
+        union = float((a | b).sum())
+        out["mask_ious"].append(float((a & b).sum()) / union if union else 1.0)  # two empty masks agree
     return out
 
 

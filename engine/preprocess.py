@@ -117,6 +117,16 @@ def output_size(height: int, width: int, config: MaskRCNNConfig) -> tuple[int, i
     return resized_size(height, width, min_size=config.min_size, max_size=config.max_size, rounding=config.resize_rounding)
 
 
+def resized_canvas(size: tuple[int, int], config: MaskRCNNConfig) -> tuple[int, int]:
+    """The padded (H, W) an input of ``size`` (h, w) occupies alone in a batch: its resized size
+    rounded up to ``size_divisibility`` (matterport's square mode: ``max_size`` x ``max_size``)."""
+    if config.resize_mode == "square":
+        return (config.max_size, config.max_size)
+    h, w = output_size(size[0], size[1], config)
+    div = config.size_divisibility
+    return (int(math.ceil(h / div) * div), int(math.ceil(w / div) * div))
+
+
 #: resize methods that resize the uint8 image, before normalisation.
 UINT8_RESIZE_METHODS = ("antialias_uint8", "cv2_linear", "skimage_uint8")
 #: uint8 methods that run on the host numpy array (before the transfer to the device).

@@ -1,0 +1,404 @@
+"""The main job: a checkpoint over many image files, resumable, results as JSON lines.
+
+``maskrcnn-engine predict`` (:mod:`engine.cli`) runs :func:`run_job`:
+
+- **inputs** (:func:`collect_inputs`): files, folders (recursive), glob patterns and ``@list.txt``
+  files of paths. Each image's ``image_id`` is its path relative to its input root (the folder,
+  the glob's fixed prefix, the list file's folder, or the file's own folder), POSIX-style, so it
+  is stable across machines and reruns;
+- **decoding** in a small thread pool (``cv2.imdecode`` releases the GIL), ahead of the model,
+  so that the device does not wait for JPEG decoding;
+- **batches by size** (:func:`plan_batches`): decoded images are grouped, within a window of a
+  few batches, by the padded canvas they resize to, so that one batch pads little;
+- **output** in the output folder: ``predictions.jsonl`` (one line per image, appended and
+  flushed to disk as each batch completes), ``errors.jsonl`` (one line per file that could not
+  be read or decoded: a bad file never stops the run) and ``run.json`` (weights and sha256,
+  family, thresholds, versions, counts, images/s), written by rename;
+- **resume**: a rerun on the same folder skips the images already in either file. A run killed
+  at any point (SIGKILL included) leaves at most a torn last line, which the rerun drops, so
+  the final output holds every image exactly once.
+
+Each detection is written as ``bbox`` (COCO ``[x, y, w, h]``), ``score``, ``category_id`` (the
+checkpoint's label), ``category_name`` and ``segmentation`` (COCO compressed RLE, from
+pycocotools).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "InputFile",
+    "JobOptions",
+    "JobSummary",
+    "collect_inputs",
+    "decode_image",
+    "plan_batches",
+    "read_done_ids",
+    "run_job",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PREDICTIONS = "predictions.jsonl"
+ERRORS = "errors.jsonl"
+RUN_RECORD = "run.json"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its file and its stable ``image_id`` (path relative to its input root, POSIX)."""
+
+    path: Path
+    image_id: str
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _relative_id(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[InputFile]:
+    """Input files, in the order given (folders and globs sorted), each once.
+
+    Args:
+        inputs: files (taken whatever their suffix: a file that is not an image becomes an
+            error line, not a crash), folders (searched recursively for image suffixes), glob
+            patterns, and ``@list.txt`` (one path per line, relative to the list's folder).
+
+    Raises:
+        FileNotFoundError: an input that is none of these.
+        ValueError: two different files with the same ``image_id``.
+    """
+    found: list[InputFile] = []
+    for item in inputs:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            if not listing.is_file():
+                raise FileNotFoundError(f"list file not found: {listing}")
+            root = listing.parent
+            for line in listing.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    path = Path(line) if Path(line).is_absolute() else root / line
+                    found.append(InputFile(path, _relative_id(path, root)))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p))
+            found.extend(InputFile(p, _relative_id(p, path)) for p in files)
+        elif path.is_file():
+            found.append(InputFile(path, path.name))
+        elif glob.has_magic(item):
+            root = Path(item.split("*")[0].split("?")[0].split("[")[0])
+            root = root if str(item).endswith(os.sep) or root.is_dir() else root.parent
+            files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found.extend(InputFile(p, _relative_id(p, root)) for p in files)
+        else:
+            raise FileNotFoundError(f"input not found: {item} (a file, a folder, a glob pattern or @list.txt)")
+    unique: dict[str, InputFile] = {}
+    for f in found:
+        other = unique.get(f.image_id)
+        if other is None:
+            unique[f.image_id] = f
+        elif other.path.resolve() != f.path.resolve():
+            raise ValueError(f"two inputs have the image_id {f.image_id!r}: {other.path} and {f.path}; pass their common folder instead")
+    return list(unique.values())
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] RGB from an image file (cv2, any format it reads; grey and alpha converted).
+
+    Raises:
+        ValueError: the file is empty or is not an image cv2 can decode.
+        OSError: the file cannot be read.
+    """
+    import cv2
+
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError("empty file")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not an image that OpenCV can decode (corrupt, truncated or another format)")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int, canvas: Callable[[int, int], tuple[int, int]]) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into batches of at most ``batch_size``, by padded canvas.
+
+    Images are ordered by the canvas ``canvas(h, w)`` they resize and pad to (then by input
+    order), and cut into consecutive batches, so that a batch pads each image little. The plan
+    depends only on the sizes and their order.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (canvas(*sizes[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    """The whole JSON lines of ``path``; a torn last line (a run killed while writing) is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    rows = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return rows
+
+
+def read_done_ids(output: Path) -> set[str]:
+    """``image_id`` of every image already in ``predictions.jsonl`` or ``errors.jsonl`` (torn lines dropped)."""
+    return {row["image_id"] for name in (PREDICTIONS, ERRORS) for row in _complete_lines(Path(output) / name)}
+
+
+class _LineWriter:
+    """Appends whole lines and makes them durable (flush + fsync) at each :meth:`commit`."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "ab")
+
+    def write(self, rows: Iterable[dict]) -> None:
+        payload = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+        if payload:
+            self.file.write(payload)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.commit()
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What :func:`run_job` does besides the predictor's own settings.
+
+    Attributes:
+        batch_size: images per ``Predictor.run``.
+        decode_workers: decoding threads.
+        window: images decoded ahead and grouped by size (a few batches).
+        progress: show a tqdm bar (images/s, ETA) on stderr.
+    """
+
+    batch_size: int = 4
+    decode_workers: int = 4
+    window: int = 0  # 0: 8 batches
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    """Counts of a run: ``images`` given, ``skipped`` (already done), ``predicted``, ``errors``,
+    ``detections``, ``seconds`` and ``images_per_second`` (of this run's new images)."""
+
+    images: int = 0
+    skipped: int = 0
+    predicted: int = 0
+    errors: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"{self.predicted} images predicted ({self.detections} detections), {self.errors} errors, "
+            f"{self.skipped} already done, in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+        )
+
+
+def detections_rows(det, *, class_names: Sequence[str] | None) -> list[dict]:
+    """One image's :class:`engine.results.Detections` as JSON-ready dicts (COCO bbox and RLE)."""
+    rows = det.to("cpu").to_coco(0)
+    for r in rows:
+        del r["image_id"]
+        label = r["category_id"]
+        r["category_name"] = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+    return rows
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import cv2
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        versions["maskrcnn-engine"] = version("maskrcnn-engine")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (run from a checkout)
+        pass
+    return versions
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_job(
+    predictor,
+    inputs: Sequence[InputFile],
+    output: Path,
+    *,
+    options: JobOptions = JobOptions(),
+    class_names: Sequence[str] | None = None,
+    record: dict | None = None,
+) -> JobSummary:
+    """Predicts every input not yet in ``output``; see the module docstring.
+
+    Args:
+        predictor: an :class:`engine.Predictor` (its ``mask_format`` decides full or box masks;
+            the RLEs are the same).
+        inputs: from :func:`collect_inputs`.
+        output: the output folder (created).
+        class_names: names indexed by label, for ``category_name``.
+        record: extra entries for ``run.json`` (weights, family, ...).
+
+    Returns:
+        The :class:`JobSummary` also written to ``run.json``.
+    """
+    from engine.preprocess import resized_canvas
+
+    if options.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {options.batch_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    done = read_done_ids(output)
+    todo = [f for f in inputs if f.image_id not in done]
+    summary = JobSummary(images=len(inputs), skipped=len(inputs) - len(todo))
+    window = options.window or options.batch_size * 8
+    predictions, errors = _LineWriter(output / PREDICTIONS), _LineWriter(output / ERRORS)
+    canvas = lambda h, w: resized_canvas((h, w), predictor.config)  # noqa: E731
+    bar = _progress(len(todo), options.progress)
+    start = time.perf_counter()
+    timings = {"predict": 0.0, "write": 0.0}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.decode_workers)) as pool:
+            for group in _decoded_windows(pool, todo, window):
+                good = [(f, im) for f, im, err in group if err is None]
+                bad = [(f, err) for f, _, err in group if err is not None]
+                if bad:
+                    errors.write({"image_id": f.image_id, "file": str(f.path), "error": err} for f, err in bad)
+                    errors.commit()
+                    summary.errors += len(bad)
+                    bar.update(len(bad))
+                for batch in plan_batches([im.shape[:2] for _, im in good], options.batch_size, canvas):
+                    items = [good[i] for i in batch]
+                    t0 = time.perf_counter()
+                    results = predictor.run([im for _, im in items])
+                    t1 = time.perf_counter()
+                    rows = []
+                    for (f, im), det in zip(items, results):
+                        dets = detections_rows(det, class_names=class_names)
+                        summary.detections += len(dets)
+                        rows.append(
+                            {"image_id": f.image_id, "file": str(f.path), "height": int(im.shape[0]), "width": int(im.shape[1]), "detections": dets}
+                        )
+                    predictions.write(rows)
+                    predictions.commit()
+                    timings["predict"] += t1 - t0
+                    timings["write"] += time.perf_counter() - t1
+                    summary.predicted += len(items)
+                    bar.update(len(items))
+    finally:
+        predictions.close()
+        errors.close()
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    new = summary.predicted + summary.errors
+    summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
+    timings["decode_wait"] = max(summary.seconds - timings["predict"] - timings["write"], 0.0)
+    summary.timings = timings
+    run = dict(record or {})
+    run.update(
+        {
+            "versions": _versions(),
+            "counts": {k: getattr(summary, k) for k in ("images", "skipped", "predicted", "errors", "detections")},
+            "seconds": summary.seconds,
+            "images_per_second": summary.images_per_second,
+            "seconds_by_step": timings,
+            "batch_size": options.batch_size,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    _write_atomically(output / RUN_RECORD, json.dumps(run, indent=2) + "\n")
+    return summary
+
+
+def _decoded_windows(pool, files: Sequence[InputFile], window: int) -> Iterator[list[tuple[InputFile, np.ndarray | None, str | None]]]:
+    """Groups of ``window`` files as ``(file, image or None, error or None)``, decoded in ``pool``,
+    the next group's decoding submitted before the current one is handed out."""
+
+    def submit(chunk):
+        return [(f, pool.submit(decode_image, f.path)) for f in chunk]
+
+    chunks = [files[i : i + window] for i in range(0, len(files), window)]
+    pending = submit(chunks[0]) if chunks else []
+    for k in range(len(chunks)):
+        current = pending
+        pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+        group = []
+        for f, future in current:
+            try:
+                group.append((f, future.result(), None))
+            except (OSError, ValueError) as exc:
+                group.append((f, None, str(exc) or type(exc).__name__))
+        yield group
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)

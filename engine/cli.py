@@ -1,0 +1,111 @@
+"""``maskrcnn-engine``: the command line (also ``python -m engine.cli``).
+
+    maskrcnn-engine predict INPUT... --output DIR [--weights W] [--family F] [--device D]
+        [--precision P] [--batch-size B] [--score-threshold S] [--mask-format full|box]
+        [--decode-workers N] [--no-progress]
+
+``predict`` runs a checkpoint over image files (see :mod:`engine.batch_job`): without
+``--weights``, the bundled shapes model. Rerunning it on the same ``--output`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskrcnn-engine", description="Mask R-CNN checkpoints over many images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "predict",
+        help="predict instance masks for image files; results as JSON lines, resumable",
+        description="Runs a checkpoint over files, folders (recursive), glob patterns and @list.txt files. "
+        "Writes predictions.jsonl, errors.jsonl and run.json in --output; a rerun skips what is done.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns or @list.txt")
+    p.add_argument("--output", "-o", required=True, help="output folder (created; reused to resume)")
+    p.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
+    p.add_argument("--family", help="checkpoint family if it cannot be told from the file")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-threshold", type=float, default=None)
+    p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory)")
+    p.add_argument("--decode-workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def predict(args: argparse.Namespace) -> int:
+    from engine import Predictor
+    from engine.batch_job import JobOptions, collect_inputs, file_sha256, run_job
+    from engine.class_names import default_class_names
+
+    try:
+        import pycocotools.mask  # noqa: F401  (the masks are written as COCO RLE)
+    except ImportError:
+        print("error: predict writes masks as COCO RLE with pycocotools: pip install 'maskrcnn-engine[coco]'", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be >= 1; got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        inputs = collect_inputs(args.inputs)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not inputs:
+        print("error: no images found in the inputs", file=sys.stderr)
+        return 2
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = dict(
+        device=device, precision=args.precision, score_threshold=args.score_threshold, mask_format=args.mask_format
+    )
+    if args.weights:
+        predictor = Predictor(args.weights, family=args.family, **options)
+        weights = Path(args.weights)
+        names = default_class_names(predictor.num_classes, background=predictor.config.background_index)
+    else:
+        from weights.bundled import shapes_model, shapes_predictor
+
+        bundled = shapes_model()
+        predictor = shapes_predictor(**options)
+        weights = Path(bundled.checkpoint)
+        names = list(bundled.class_names)
+    config = predictor.config
+    record = {
+        "weights": str(weights),
+        "weights_sha256": file_sha256(weights),
+        "family": predictor.family,
+        "preset": config.name,
+        "device": str(predictor.device),
+        "precision": args.precision,
+        "mask_format": args.mask_format,
+        "thresholds": {
+            "score": config.score_threshold,
+            "nms": config.nms_threshold,
+            "mask": config.mask_threshold,
+            "detections_per_image": config.detections_per_image,
+        },
+    }
+    job = JobOptions(batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress)
+    summary = run_job(predictor, inputs, Path(args.output), options=job, class_names=names, record=record)
+    print(summary.line())
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "predict":
+        return predict(args)
+    return 2  # pragma: no cover - argparse refuses other commands
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -275,6 +275,108 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def job_windows(inputs: Sequence[InputFile], done: set[str], window: int) -> list[list[InputFile]]:
+    """The windows of a job: consecutive groups of ``window`` inputs over the *whole* input list,
+    without those whose images are all done already.
+
+    Batches are planned within a window, from all its decodable images, done or not: so every
+    image gets the same batch companions in a first run, a resumed run and a Ray run, and
+    (batching pads to the largest canvas and changes float rounding) the same results.
+    """
+    chunks = [list(inputs[i : i + window]) for i in range(0, len(inputs), window)]
+    return [c for c in chunks if any(f.image_id not in done for f in c)]
+
+
+def predict_window(
+    predictor,
+    files: Sequence[InputFile],
+    decoded: Sequence[tuple[np.ndarray | None, str | None]],
+    done: set[str],
+    *,
+    batch_size: int,
+    class_names: Sequence[str] | None,
+    on_batch: Callable[[list[dict], list[dict]], None],
+) -> None:
+    """One window: ``decoded[i]`` is ``(image, None)`` or ``(None, error)`` for ``files[i]``.
+
+    Plans the batches over the window's decodable images (:func:`plan_batches`), runs each batch
+    that holds an image not yet done, and calls ``on_batch(predictions, errors)`` with the rows
+    of the images not yet done (the window's error rows come with its first call).
+    """
+    from engine.preprocess import resized_canvas
+
+    good = [(f, im) for f, (im, err) in zip(files, decoded) if err is None]
+    bad = [
+        {"image_id": f.image_id, "file": str(f.path), "error": err}
+        for f, (im, err) in zip(files, decoded)
+        if err is not None and f.image_id not in done
+    ]
+    canvas = lambda h, w: resized_canvas((h, w), predictor.config)  # noqa: E731
+    batches = plan_batches([im.shape[:2] for _, im in good], batch_size, canvas)
+    if bad and not any(any(good[i][0].image_id not in done for i in b) for b in batches):
+        on_batch([], bad)
+        return
+    for batch in batches:
+        items = [good[i] for i in batch]
+        if all(f.image_id in done for f, _ in items):
+            continue
+        results = predictor.run([im for _, im in items])
+        rows = [
+            {
+                "image_id": f.image_id,
+                "file": str(f.path),
+                "height": int(im.shape[0]),
+                "width": int(im.shape[1]),
+                "detections": detections_rows(det, class_names=class_names),
+            }
+            for (f, im), det in zip(items, results)
+            if f.image_id not in done
+        ]
+        on_batch(rows, bad)
+        bad = []
+
+
+def job_record(summary: JobSummary, record: dict | None, extra: dict) -> str:
+    """``run.json``'s text: the caller's entries, versions, counts and speed."""
+    run = dict(record or {})
+    run.update(
+        {
+            "versions": _versions(),
+            "counts": {k: getattr(summary, k) for k in ("images", "skipped", "predicted", "errors", "detections")},
+            "seconds": summary.seconds,
+            "images_per_second": summary.images_per_second,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+    )
+    return json.dumps(run, indent=2) + "\n"
+
+
+class _Outputs:
+    """``predictions.jsonl`` and ``errors.jsonl`` of a job, with the counts of what was written."""
+
+    def __init__(self, output: Path, summary: JobSummary, bar) -> None:
+        self.predictions, self.errors = _LineWriter(output / PREDICTIONS), _LineWriter(output / ERRORS)
+        self.summary, self.bar = summary, bar
+
+    def write(self, rows: list[dict], bad: list[dict]) -> None:
+        if bad:
+            self.errors.write(bad)
+            self.errors.commit()
+        if rows:
+            self.predictions.write(rows)
+            self.predictions.commit()
+        self.summary.predicted += len(rows)
+        self.summary.errors += len(bad)
+        self.summary.detections += sum(len(r["detections"]) for r in rows)
+        self.bar.update(len(rows) + len(bad))
+
+    def close(self) -> None:
+        self.predictions.close()
+        self.errors.close()
+        self.bar.close()
+
+
 def run_job(
     predictor,
     inputs: Sequence[InputFile],
@@ -297,93 +399,55 @@ def run_job(
     Returns:
         The :class:`JobSummary` also written to ``run.json``.
     """
-    from engine.preprocess import resized_canvas
-
     if options.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {options.batch_size}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     done = read_done_ids(output)
-    todo = [f for f in inputs if f.image_id not in done]
-    summary = JobSummary(images=len(inputs), skipped=len(inputs) - len(todo))
-    window = options.window or options.batch_size * 8
-    predictions, errors = _LineWriter(output / PREDICTIONS), _LineWriter(output / ERRORS)
-    canvas = lambda h, w: resized_canvas((h, w), predictor.config)  # noqa: E731
-    bar = _progress(len(todo), options.progress)
+    summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
+    windows = job_windows(inputs, done, options.window or options.batch_size * 8)
+    outputs = _Outputs(output, summary, _progress(summary.images - summary.skipped, options.progress))
     start = time.perf_counter()
-    timings = {"predict": 0.0, "write": 0.0}
+    predict_seconds = 0.0
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.decode_workers)) as pool:
-            for group in _decoded_windows(pool, todo, window):
-                good = [(f, im) for f, im, err in group if err is None]
-                bad = [(f, err) for f, _, err in group if err is not None]
-                if bad:
-                    errors.write({"image_id": f.image_id, "file": str(f.path), "error": err} for f, err in bad)
-                    errors.commit()
-                    summary.errors += len(bad)
-                    bar.update(len(bad))
-                for batch in plan_batches([im.shape[:2] for _, im in good], options.batch_size, canvas):
-                    items = [good[i] for i in batch]
-                    t0 = time.perf_counter()
-                    results = predictor.run([im for _, im in items])
-                    t1 = time.perf_counter()
-                    rows = []
-                    for (f, im), det in zip(items, results):
-                        dets = detections_rows(det, class_names=class_names)
-                        summary.detections += len(dets)
-                        rows.append(
-                            {"image_id": f.image_id, "file": str(f.path), "height": int(im.shape[0]), "width": int(im.shape[1]), "detections": dets}
-                        )
-                    predictions.write(rows)
-                    predictions.commit()
-                    timings["predict"] += t1 - t0
-                    timings["write"] += time.perf_counter() - t1
-                    summary.predicted += len(items)
-                    bar.update(len(items))
+            for files, decoded in _decoded_windows(pool, windows):
+                t0 = time.perf_counter()
+                predict_window(
+                    predictor, files, decoded, done, batch_size=options.batch_size, class_names=class_names, on_batch=outputs.write
+                )
+                predict_seconds += time.perf_counter() - t0
     finally:
-        predictions.close()
-        errors.close()
-        bar.close()
+        outputs.close()
     summary.seconds = time.perf_counter() - start
     new = summary.predicted + summary.errors
     summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
-    timings["decode_wait"] = max(summary.seconds - timings["predict"] - timings["write"], 0.0)
-    summary.timings = timings
-    run = dict(record or {})
-    run.update(
-        {
-            "versions": _versions(),
-            "counts": {k: getattr(summary, k) for k in ("images", "skipped", "predicted", "errors", "detections")},
-            "seconds": summary.seconds,
-            "images_per_second": summary.images_per_second,
-            "seconds_by_step": timings,
-            "batch_size": options.batch_size,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    )
-    _write_atomically(output / RUN_RECORD, json.dumps(run, indent=2) + "\n")
+    summary.timings = {"predict_and_write": predict_seconds, "waiting_for_decoding": max(summary.seconds - predict_seconds, 0.0)}
+    extra = {"batch_size": options.batch_size, "seconds_by_step": summary.timings}
+    _write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
     return summary
 
 
-def _decoded_windows(pool, files: Sequence[InputFile], window: int) -> Iterator[list[tuple[InputFile, np.ndarray | None, str | None]]]:
-    """Groups of ``window`` files as ``(file, image or None, error or None)``, decoded in ``pool``,
-    the next group's decoding submitted before the current one is handed out."""
+def decode_or_error(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """``(image, None)``, or ``(None, reason)`` for a file that cannot be read or decoded."""
+    try:
+        return decode_image(path), None
+    except (OSError, ValueError) as exc:
+        return None, str(exc) or type(exc).__name__
 
-    def submit(chunk):
-        return [(f, pool.submit(decode_image, f.path)) for f in chunk]
 
-    chunks = [files[i : i + window] for i in range(0, len(files), window)]
-    pending = submit(chunks[0]) if chunks else []
-    for k in range(len(chunks)):
+def _decoded_windows(pool, windows: Sequence[Sequence[InputFile]]) -> Iterator[tuple[Sequence[InputFile], list]]:
+    """Each window's files and their :func:`decode_or_error`, decoded in ``pool``; the next
+    window's decoding is submitted before the current one is handed out."""
+
+    def submit(files):
+        return [pool.submit(decode_or_error, f.path) for f in files]
+
+    pending = submit(windows[0]) if windows else []
+    for k, files in enumerate(windows):
         current = pending
-        pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
-        group = []
-        for f, future in current:
-            try:
-                group.append((f, future.result(), None))
-            except (OSError, ValueError) as exc:
-                group.append((f, None, str(exc) or type(exc).__name__))
-        yield group
+        pending = submit(windows[k + 1]) if k + 1 < len(windows) else []
+        yield files, [future.result() for future in current]
 
 
 class _NoProgress:

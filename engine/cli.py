@@ -2,10 +2,12 @@
 
     maskrcnn-engine predict INPUT... --output DIR [--weights W] [--family F] [--device D]
         [--precision P] [--batch-size B] [--score-threshold S] [--mask-format full|box]
-        [--decode-workers N] [--no-progress]
+        [--decode-workers N] [--no-progress] [--ray [ADDRESS]] [--workers N]
 
 ``predict`` runs a checkpoint over image files (see :mod:`engine.batch_job`): without
-``--weights``, the bundled shapes model. Rerunning it on the same ``--output`` resumes.
+``--weights``, the bundled shapes model. Rerunning it on the same ``--output`` resumes. With
+``--ray`` the job runs as a Ray Data pipeline (:mod:`engine.ray_job`) on the cluster at ADDRESS,
+or on a local one started for the run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory)")
     p.add_argument("--decode-workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="run on Ray Data: the cluster at ADDRESS ('auto', 'ray://host:10001'), or a local one without ADDRESS",
+    )
+    p.add_argument("--workers", type=int, default=1, help="with --ray: predictor actors (one GPU each on GPU nodes)")
     return parser
 
 
@@ -61,6 +68,8 @@ def predict(args: argparse.Namespace) -> int:
     if not inputs:
         print("error: no images found in the inputs", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        return _predict_on_ray(args, inputs)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +105,48 @@ def predict(args: argparse.Namespace) -> int:
     }
     job = JobOptions(batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress)
     summary = run_job(predictor, inputs, Path(args.output), options=job, class_names=names, record=record)
+    print(summary.line())
+    return 0
+
+
+def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
+    from engine.batch_job import file_sha256
+    from engine.ray_job import PredictorSpec, import_ray, run_ray_job
+
+    ray = import_ray()
+    address = None if args.ray == "local" else args.ray
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    device = args.device or ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
+    spec = PredictorSpec(
+        weights=args.weights, family=args.family, device=device, precision=args.precision,
+        score_threshold=args.score_threshold, mask_format=args.mask_format,
+    )
+    if args.weights:
+        from engine.class_names import default_class_names
+        from weights import load_checkpoint
+
+        checkpoint = load_checkpoint(args.weights, family=args.family)
+        names = default_class_names(checkpoint.spec.num_classes, background=checkpoint.config.background_index)
+        weights, family = Path(args.weights), checkpoint.family
+    else:
+        from weights.bundled import shapes_model
+
+        bundled = shapes_model()
+        names, weights, family = list(bundled.class_names), Path(bundled.checkpoint), "torchvision"
+    record = {
+        "weights": str(weights),
+        "weights_sha256": file_sha256(weights),
+        "family": family,
+        "device": device,
+        "precision": args.precision,
+        "mask_format": args.mask_format,
+        "score_threshold": args.score_threshold,
+    }
+    summary = run_ray_job(
+        spec, inputs, Path(args.output), address=address, workers=args.workers, batch_size=args.batch_size,
+        class_names=names, record=record,
+    )
     print(summary.line())
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import glob
-import hashlib
 import json
 import os
 import platform
@@ -239,14 +238,6 @@ def detections_rows(det, *, class_names: Sequence[str] | None) -> list[dict]:
         label = r["category_id"]
         r["category_name"] = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def predict(args: argparse.Namespace) -> int:
     from engine import Predictor
-    from engine.batch_job import JobOptions, collect_inputs, file_sha256, run_job
+    from engine.batch_job import JobOptions, collect_inputs, run_job
+    from weights.bundled import file_sha256
     from engine.class_names import default_class_names
 
     try:
@@ -110,7 +111,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
-    from engine.batch_job import file_sha256
+    from weights.bundled import file_sha256
     from engine.ray_job import PredictorSpec, import_ray, run_ray_job
 
     ray = import_ray()

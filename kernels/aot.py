@@ -345,62 +345,33 @@ def kernel_specs(*, channels: int = 256, presets=None, int_variants: bool = Fals
         )
 
     tiles = nms._CUDA_TILES
-    add(
-        KernelSpec(
-            name="nms_suppression_mask",
-            family="nms",
-            module="kernels.nms",
-            kernel="_nms_suppression_mask_kernel",
-            signature=dict(_NMS_MASK_SIGNATURE),
-            constexprs=dict(BLOCK_ROWS=tiles.block_rows, BLOCK_WORDS=tiles.block_words),
-            divisible=_pointers(_NMS_MASK_SIGNATURE),
-            options=dict(num_warps=tiles.mask_warps, enable_fp_fusion=False),
-        ),
-        "batched_nms (public API)",
-    )
-    add(
-        KernelSpec(
-            name="nms_greedy",
-            family="nms",
-            module="kernels.nms",
-            kernel="_nms_greedy_kernel",
-            signature=dict(_NMS_GREEDY_SIGNATURE),
-            constexprs=dict(
-                SEGMENTS_PER_PROGRAM=tiles.segments_per_program, PROPAGATE_WORDS=tiles.propagate_words
+    mask_options = dict(num_warps=tiles.mask_warps, enable_fp_fusion=False)
+    greedy_options = dict(num_warps=tiles.greedy_warps)  # the launchers leave enable_fp_fusion at its default
+    mask_tiles = dict(BLOCK_ROWS=tiles.block_rows, BLOCK_WORDS=tiles.block_words)
+    greedy_tiles = dict(SEGMENTS_PER_PROGRAM=tiles.segments_per_program, PROPAGATE_WORDS=tiles.propagate_words)
+    for name, kernel, signature, constexprs, options, used_by in (
+        ("nms_suppression_mask", "_nms_suppression_mask_kernel", _NMS_MASK_SIGNATURE, mask_tiles, mask_options,
+         "batched_nms (public API)"),
+        ("nms_greedy", "_nms_greedy_kernel", _NMS_GREEDY_SIGNATURE, greedy_tiles, greedy_options,
+         "batched_nms (public API)"),
+        ("segmented_nms_mask", "_segmented_nms_mask_kernel", _SEGMENTED_NMS_MASK_SIGNATURE, mask_tiles, mask_options,
+         "every preset (RPN and detections, the engine's NMS)"),
+        ("segmented_nms_greedy", "_segmented_nms_greedy_kernel", _SEGMENTED_NMS_GREEDY_SIGNATURE, greedy_tiles,
+         greedy_options, "every preset (RPN and detections, the engine's NMS)"),
+    ):
+        add(
+            KernelSpec(
+                name=name,
+                family="nms",
+                module="kernels.nms",
+                kernel=kernel,
+                signature=dict(signature),
+                constexprs=dict(constexprs),
+                divisible=_pointers(signature),
+                options=dict(options),
             ),
-            divisible=_pointers(_NMS_GREEDY_SIGNATURE),
-            options=dict(num_warps=tiles.greedy_warps),  # the launcher leaves enable_fp_fusion at its default
-        ),
-        "batched_nms (public API)",
-    )
-    add(
-        KernelSpec(
-            name="segmented_nms_mask",
-            family="nms",
-            module="kernels.nms",
-            kernel="_segmented_nms_mask_kernel",
-            signature=dict(_SEGMENTED_NMS_MASK_SIGNATURE),
-            constexprs=dict(BLOCK_ROWS=tiles.block_rows, BLOCK_WORDS=tiles.block_words),
-            divisible=_pointers(_SEGMENTED_NMS_MASK_SIGNATURE),
-            options=dict(num_warps=tiles.mask_warps, enable_fp_fusion=False),
-        ),
-        "every preset (RPN and detections, the engine's NMS)",
-    )
-    add(
-        KernelSpec(
-            name="segmented_nms_greedy",
-            family="nms",
-            module="kernels.nms",
-            kernel="_segmented_nms_greedy_kernel",
-            signature=dict(_SEGMENTED_NMS_GREEDY_SIGNATURE),
-            constexprs=dict(
-                SEGMENTS_PER_PROGRAM=tiles.segments_per_program, PROPAGATE_WORDS=tiles.propagate_words
-            ),
-            divisible=_pointers(_SEGMENTED_NMS_GREEDY_SIGNATURE),
-            options=dict(num_warps=tiles.greedy_warps),
-        ),
-        "every preset (RPN and detections, the engine's NMS)",
-    )
+            used_by,
+        )
     out = list(specs.values())
     if int_variants:
         out = [v for spec in out for v in (spec, *_value_one_variants(spec))]

@@ -1,4 +1,4 @@
-"""The main job: a checkpoint over many image files, resumable, results as JSON lines.
+"""The main job: a checkpoint over many image files, resumable, results as JSON lines or Parquet.
 
 ``maskrcnn-engine predict`` (:mod:`engine.cli`) runs :func:`run_job`:
 
@@ -10,13 +10,16 @@
   so that the device does not wait for JPEG decoding;
 - **batches by size** (:func:`plan_batches`): decoded images are grouped, within a window of a
   few batches, by the padded canvas they resize to, so that one batch pads little;
-- **output** in the output folder: ``predictions.jsonl`` (one line per image, appended and
-  flushed to disk as each batch completes), ``errors.jsonl`` (one line per file that could not
-  be read or decoded: a bad file never stops the run) and ``run.json`` (weights and sha256,
-  family, thresholds, versions, counts, images/s), written by rename;
-- **resume**: a rerun on the same folder skips the images already in either file. A run killed
-  at any point (SIGKILL included) leaves at most a torn last line, which the rerun drops, so
-  the final output holds every image exactly once.
+- **output** in the output folder (:mod:`engine.job_outputs`): ``predictions.jsonl`` (one line
+  per image, appended and flushed to disk as each batch completes) or, with ``format="parquet"``,
+  the same rows as Parquet shards in ``predictions.parquet/``; ``errors.jsonl`` (one line per
+  file that could not be read or decoded: a bad file never stops the run) and ``run.json``
+  (weights and sha256, family, thresholds, versions, counts, images/s, seconds by step),
+  written by rename;
+- **resume**: a rerun on the same folder skips the images already written. A run killed at
+  any point (SIGKILL included) leaves at most a torn last line, which the rerun drops (or, in
+  Parquet, rows not yet in a shard, which it predicts again), so the final output holds every
+  image exactly once.
 
 Each detection is written as ``bbox`` (COCO ``[x, y, w, h]``), ``score``, ``category_id`` (the
 checkpoint's label), ``category_name`` and ``segmentation`` (COCO compressed RLE, from
@@ -31,11 +34,13 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from engine.job_outputs import FORMATS, RUN_RECORD, JobOutputs, read_done_ids, write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -50,9 +55,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-PREDICTIONS = "predictions.jsonl"
-ERRORS = "errors.jsonl"
-RUN_RECORD = "run.json"
 
 
 @dataclass(frozen=True)
@@ -151,47 +153,6 @@ def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int, canvas: Call
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _complete_lines(path: Path) -> list[dict]:
-    """The whole JSON lines of ``path``; a torn last line (a run killed while writing) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for line in data[:end].splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    if end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return rows
-
-
-def read_done_ids(output: Path) -> set[str]:
-    """``image_id`` of every image already in ``predictions.jsonl`` or ``errors.jsonl`` (torn lines dropped)."""
-    return {row["image_id"] for name in (PREDICTIONS, ERRORS) for row in _complete_lines(Path(output) / name)}
-
-
-class _LineWriter:
-    """Appends whole lines and makes them durable (flush + fsync) at each :meth:`commit`."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "ab")
-
-    def write(self, rows: Iterable[dict]) -> None:
-        payload = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
-        if payload:
-            self.file.write(payload)
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.commit()
-        self.file.close()
-
-
 @dataclass(frozen=True)
 class JobOptions:
     """What :func:`run_job` does besides the predictor's own settings.
@@ -201,18 +162,33 @@ class JobOptions:
         decode_workers: decoding threads.
         window: images decoded ahead and grouped by size (a few batches).
         progress: show a tqdm bar (images/s, ETA) on stderr.
+        format: ``"jsonl"`` or ``"parquet"`` (:mod:`engine.job_outputs`).
+        rows_per_shard: images per Parquet shard.
     """
 
     batch_size: int = 4
     decode_workers: int = 4
     window: int = 0  # 0: 8 batches
     progress: bool = True
+    format: str = "jsonl"
+    rows_per_shard: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}; got {self.format!r}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1; got {self.rows_per_shard}")
 
 
 @dataclass
 class JobSummary:
     """Counts of a run: ``images`` given, ``skipped`` (already done), ``predicted``, ``errors``,
-    ``detections``, ``seconds`` and ``images_per_second`` (of this run's new images)."""
+    ``detections``, ``seconds`` and ``images_per_second`` (of this run's new images), and
+    ``timings``: seconds by step (in-process: ``decode`` summed over the decoding threads,
+    ``waiting_for_decoding``, ``predict`` in ``Predictor.run``, ``encode`` of the rows and their
+    RLEs, ``write`` to disk)."""
 
     images: int = 0
     skipped: int = 0
@@ -260,12 +236,6 @@ def _versions() -> dict:
     return versions
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def job_windows(inputs: Sequence[InputFile], done: set[str], window: int) -> list[list[InputFile]]:
     """The windows of a job: consecutive groups of ``window`` inputs over the *whole* input list,
     without those whose images are all done already.
@@ -287,12 +257,15 @@ def predict_window(
     batch_size: int,
     class_names: Sequence[str] | None,
     on_batch: Callable[[list[dict], list[dict]], None],
+    timings: dict | None = None,
 ) -> None:
     """One window: ``decoded[i]`` is ``(image, None)`` or ``(None, error)`` for ``files[i]``.
 
     Plans the batches over the window's decodable images (:func:`plan_batches`), runs each batch
     that holds an image not yet done, and calls ``on_batch(predictions, errors)`` with the rows
-    of the images not yet done (the window's error rows come with its first call).
+    of the images not yet done (the window's error rows come with its first call). Adds the
+    seconds in ``Predictor.run`` and in encoding the rows to ``timings["predict"]`` and
+    ``timings["encode"]`` when given.
     """
     from engine.preprocess import resized_canvas
 
@@ -311,7 +284,9 @@ def predict_window(
         items = [good[i] for i in batch]
         if all(f.image_id in done for f, _ in items):
             continue
+        t0 = time.perf_counter()
         results = predictor.run([im for _, im in items])
+        t1 = time.perf_counter()
         rows = [
             {
                 "image_id": f.image_id,
@@ -323,6 +298,9 @@ def predict_window(
             for (f, im), det in zip(items, results)
             if f.image_id not in done
         ]
+        if timings is not None:
+            timings["predict"] = timings.get("predict", 0.0) + t1 - t0
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t1
         on_batch(rows, bad)
         bad = []
 
@@ -341,31 +319,6 @@ def job_record(summary: JobSummary, record: dict | None, extra: dict) -> str:
         }
     )
     return json.dumps(run, indent=2) + "\n"
-
-
-class _Outputs:
-    """``predictions.jsonl`` and ``errors.jsonl`` of a job, with the counts of what was written."""
-
-    def __init__(self, output: Path, summary: JobSummary, bar) -> None:
-        self.predictions, self.errors = _LineWriter(output / PREDICTIONS), _LineWriter(output / ERRORS)
-        self.summary, self.bar = summary, bar
-
-    def write(self, rows: list[dict], bad: list[dict]) -> None:
-        if bad:
-            self.errors.write(bad)
-            self.errors.commit()
-        if rows:
-            self.predictions.write(rows)
-            self.predictions.commit()
-        self.summary.predicted += len(rows)
-        self.summary.errors += len(bad)
-        self.summary.detections += sum(len(r["detections"]) for r in rows)
-        self.bar.update(len(rows) + len(bad))
-
-    def close(self) -> None:
-        self.predictions.close()
-        self.errors.close()
-        self.bar.close()
 
 
 def run_job(
@@ -390,32 +343,32 @@ def run_job(
     Returns:
         The :class:`JobSummary` also written to ``run.json``.
     """
-    if options.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {options.batch_size}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     done = read_done_ids(output)
     summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
     windows = job_windows(inputs, done, options.window or options.batch_size * 8)
-    outputs = _Outputs(output, summary, _progress(summary.images - summary.skipped, options.progress))
+    outputs = JobOutputs(
+        output, summary, _progress(summary.images - summary.skipped, options.progress),
+        format=options.format, rows_per_shard=options.rows_per_shard,
+    )
+    timings = {"decode": 0.0, "waiting_for_decoding": 0.0, "predict": 0.0, "encode": 0.0}
     start = time.perf_counter()
-    predict_seconds = 0.0
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.decode_workers)) as pool:
-            for files, decoded in _decoded_windows(pool, windows):
-                t0 = time.perf_counter()
+            for files, decoded in _decoded_windows(pool, windows, timings):
                 predict_window(
-                    predictor, files, decoded, done, batch_size=options.batch_size, class_names=class_names, on_batch=outputs.write
+                    predictor, files, decoded, done, batch_size=options.batch_size, class_names=class_names,
+                    on_batch=outputs.write, timings=timings,
                 )
-                predict_seconds += time.perf_counter() - t0
     finally:
         outputs.close()
     summary.seconds = time.perf_counter() - start
     new = summary.predicted + summary.errors
     summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
-    summary.timings = {"predict_and_write": predict_seconds, "waiting_for_decoding": max(summary.seconds - predict_seconds, 0.0)}
-    extra = {"batch_size": options.batch_size, "seconds_by_step": summary.timings}
-    _write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
+    summary.timings = {**timings, "write": outputs.write_seconds}
+    extra = {"batch_size": options.batch_size, "format": options.format, "seconds_by_step": summary.timings}
+    write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
     return summary
 
 
@@ -427,18 +380,30 @@ def decode_or_error(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, str(exc) or type(exc).__name__
 
 
-def _decoded_windows(pool, windows: Sequence[Sequence[InputFile]]) -> Iterator[tuple[Sequence[InputFile], list]]:
+def _timed_decode(path: Path) -> tuple[tuple[np.ndarray | None, str | None], float]:
+    start = time.perf_counter()
+    result = decode_or_error(path)
+    return result, time.perf_counter() - start
+
+
+def _decoded_windows(pool, windows: Sequence[Sequence[InputFile]], timings: dict) -> Iterator[tuple[Sequence[InputFile], list]]:
     """Each window's files and their :func:`decode_or_error`, decoded in ``pool``; the next
-    window's decoding is submitted before the current one is handed out."""
+    window's decoding is submitted before the current one is handed out. Adds the decoding
+    threads' seconds to ``timings["decode"]`` and this thread's wait to
+    ``timings["waiting_for_decoding"]``."""
 
     def submit(files):
-        return [pool.submit(decode_or_error, f.path) for f in files]
+        return [pool.submit(_timed_decode, f.path) for f in files]
 
     pending = submit(windows[0]) if windows else []
     for k, files in enumerate(windows):
         current = pending
         pending = submit(windows[k + 1]) if k + 1 < len(windows) else []
-        yield files, [future.result() for future in current]
+        wait_start = time.perf_counter()
+        done = [future.result() for future in current]
+        timings["waiting_for_decoding"] += time.perf_counter() - wait_start
+        timings["decode"] += sum(seconds for _, seconds in done)
+        yield files, [result for result, _ in done]
 
 
 class _NoProgress:

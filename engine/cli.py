@@ -2,12 +2,15 @@
 
     maskrcnn-engine predict INPUT... --output DIR [--weights W] [--family F] [--device D]
         [--precision P] [--batch-size B] [--score-threshold S] [--mask-format full|box]
-        [--decode-workers N] [--no-progress] [--ray [ADDRESS]] [--workers N]
+        [--decode-workers N] [--format jsonl|parquet] [--rows-per-shard N] [--no-progress]
+        [--ray [ADDRESS]] [--workers N]
+    maskrcnn-engine to-coco DIR [--output FILE] [--annotations ANN.json] [--category-map MAP.json]
 
 ``predict`` runs a checkpoint over image files (see :mod:`engine.batch_job`): without
 ``--weights``, the bundled shapes model. Rerunning it on the same ``--output`` resumes. With
 ``--ray`` the job runs as a Ray Data pipeline (:mod:`engine.ray_job`) on the cluster at ADDRESS,
-or on a local one started for the run.
+or on a local one started for the run. ``to-coco`` turns a run's output folder into a COCO
+results file (:mod:`engine.coco_results`).
 """
 
 from __future__ import annotations
@@ -38,12 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=None)
     p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory)")
     p.add_argument("--decode-workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--format", default="jsonl", choices=("jsonl", "parquet"), help="predictions.jsonl, or Parquet shards in predictions.parquet/")
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="with --format parquet: images per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
         help="run on Ray Data: the cluster at ADDRESS ('auto', 'ray://host:10001'), or a local one without ADDRESS",
     )
     p.add_argument("--workers", type=int, default=1, help="with --ray: predictor actors (one GPU each on GPU nodes)")
+    c = commands.add_parser(
+        "to-coco",
+        help="a predict run's output folder as a COCO results file (for COCO.loadRes / COCOeval)",
+        description="Reads predictions.jsonl or predictions.parquet/ of a predict run and writes the COCO results list. "
+        "With --annotations, image ids come from the data set's file names and category ids from its category names.",
+    )
+    c.add_argument("run_dir", metavar="DIR", help="the --output folder of a predict run")
+    c.add_argument("--output", "-o", help="results file (default: DIR/coco_results.json)")
+    c.add_argument("--annotations", help="the data set's COCO annotation file (image ids by file_name, category ids by name)")
+    c.add_argument("--category-map", help='JSON file {"label": category_id, ...}, overriding the lookup by name')
     return parser
 
 
@@ -58,9 +73,16 @@ def predict(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: predict writes masks as COCO RLE with pycocotools: pip install 'maskrcnn-engine[coco]'", file=sys.stderr)
         return 2
-    if args.batch_size < 1:
-        print(f"error: --batch-size must be >= 1; got {args.batch_size}", file=sys.stderr)
-        return 2
+    for name in ("batch_size", "rows_per_shard", "workers", "decode_workers"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if args.format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            print("error: --format parquet writes with pyarrow: pip install 'maskrcnn-engine[parquet]'", file=sys.stderr)
+            return 2
     try:
         inputs = collect_inputs(args.inputs)
     except (FileNotFoundError, ValueError) as exc:
@@ -97,6 +119,8 @@ def predict(args: argparse.Namespace) -> int:
         "device": str(predictor.device),
         "precision": args.precision,
         "mask_format": args.mask_format,
+        "num_classes": predictor.num_classes,
+        "class_names": names,
         "thresholds": {
             "score": config.score_threshold,
             "nms": config.nms_threshold,
@@ -104,8 +128,15 @@ def predict(args: argparse.Namespace) -> int:
             "detections_per_image": config.detections_per_image,
         },
     }
-    job = JobOptions(batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress)
-    summary = run_job(predictor, inputs, Path(args.output), options=job, class_names=names, record=record)
+    job = JobOptions(
+        batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress,
+        format=args.format, rows_per_shard=args.rows_per_shard,
+    )
+    try:
+        summary = run_job(predictor, inputs, Path(args.output), options=job, class_names=names, record=record)
+    except ValueError as exc:  # an output folder holding the other format
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary.line())
     return 0
 
@@ -143,12 +174,39 @@ def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
         "precision": args.precision,
         "mask_format": args.mask_format,
         "score_threshold": args.score_threshold,
+        "class_names": names,
     }
-    summary = run_ray_job(
-        spec, inputs, Path(args.output), address=address, workers=args.workers, batch_size=args.batch_size,
-        class_names=names, record=record,
-    )
+    try:
+        summary = run_ray_job(
+            spec, inputs, Path(args.output), address=address, workers=args.workers, batch_size=args.batch_size,
+            class_names=names, record=record, format=args.format, rows_per_shard=args.rows_per_shard,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary.line())
+    return 0
+
+
+def to_coco_command(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.coco_results import to_coco
+
+    run_dir = Path(args.run_dir)
+    destination = Path(args.output) if args.output else run_dir / "coco_results.json"
+    category_map = None
+    try:
+        if args.category_map:
+            category_map = json.loads(Path(args.category_map).read_text())
+            if not isinstance(category_map, dict):
+                raise ValueError(f"--category-map must hold a JSON object {{label: category_id}}; got {type(category_map).__name__}")
+        written = to_coco(run_dir, destination, annotations=args.annotations, category_map=category_map)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    extra = f"; image ids in {written['images_index']}" if written["images_index"] else ""
+    print(f"{written['detections']} detections of {written['images']} images in {written['results']}{extra}")
     return 0
 
 
@@ -156,6 +214,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "predict":
         return predict(args)
+    if args.command == "to-coco":
+        return to_coco_command(args)
     return 2  # pragma: no cover - argparse refuses other commands
 
 

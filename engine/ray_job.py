@@ -7,8 +7,8 @@
   GPU nodes, one CPU per actor otherwise, ``workers`` actors, each window's batches planned as
   in-process (so the results are the same); the masks are RLE-encoded in the actors, so only
   JSON lines travel back;
-- the driver appends the lines to ``predictions.jsonl`` / ``errors.jsonl`` block by block, as
-  the in-process job does, so a killed driver resumes the same way.
+- the driver writes the rows block by block with :class:`engine.job_outputs.JobOutputs`, as the
+  in-process job does (JSON lines or Parquet shards), so a killed driver resumes the same way.
 
 A failed actor is restarted and its batch retried (``max_restarts`` / ``max_task_retries``):
 Ray Data hands each output block to the driver once, so no image is lost or written twice.
@@ -27,19 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.batch_job import (
-    RUN_RECORD,
-    InputFile,
-    JobSummary,
-    _NoProgress,
-    _Outputs,
-    _write_atomically,
-    decode_or_error,
-    job_record,
-    job_windows,
-    predict_window,
-    read_done_ids,
-)
+from engine.batch_job import InputFile, JobSummary, _NoProgress, decode_or_error, job_record, job_windows, predict_window
+from engine.job_outputs import FORMATS, RUN_RECORD, JobOutputs, read_done_ids, write_atomically
 
 __all__ = ["PredictActor", "PredictorSpec", "import_ray", "run_ray_job"]
 
@@ -136,9 +125,19 @@ def run_ray_job(
     window: int = 0,
     class_names: Sequence[str] | None = None,
     record: dict | None = None,
+    format: str = "jsonl",
+    rows_per_shard: int = 1000,
 ) -> JobSummary:
     """Runs the job on Ray: an existing cluster at ``address`` (``"auto"``, ``ray://...``), the
-    one this process already joined, or a local one started for the run. See the module docstring."""
+    one this process already joined, or a local one started for the run. See the module docstring.
+
+    ``batch_size``, ``window``, ``format`` and ``rows_per_shard`` mean what they mean in
+    :class:`engine.batch_job.JobOptions`; ``workers`` is the number of predictor actors.
+    """
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size and workers must be >= 1; got {batch_size} and {workers}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -148,7 +147,7 @@ def run_ray_job(
     summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
     windows = job_windows(inputs, done, window or batch_size * 8)
     start = time.perf_counter()
-    outputs = _Outputs(output, summary, _NoProgress())
+    outputs = JobOutputs(output, summary, _NoProgress(), format=format, rows_per_shard=rows_per_shard)
     gpu = spec.device.startswith("cuda")
     try:
         if windows:
@@ -182,6 +181,11 @@ def run_ray_job(
     summary.seconds = time.perf_counter() - start
     new = summary.predicted + summary.errors
     summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
-    extra = {"ray": {"address": address or "local", "workers": workers, "ray_version": ray.__version__}, "batch_size": batch_size}
-    _write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
+    extra = {
+        "ray": {"address": address or "local", "workers": workers, "ray_version": ray.__version__},
+        "batch_size": batch_size,
+        "format": format,
+        "seconds_by_step": {"write": outputs.write_seconds},
+    }
+    write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
     return summary

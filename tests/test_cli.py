@@ -1,4 +1,5 @@
-"""``maskrcnn-engine predict`` in-process (issue 13): results, bad files, inputs, resume after SIGKILL.
+"""``maskrcnn-engine predict`` in-process (issue 13): results, bad files, inputs, resume after SIGKILL,
+Parquet shards, ``to-coco``, and bounded memory with box masks on a large image.
 
 The bundled shapes model on generated shape images (``weights.shapes``), written as PNG files.
 """
@@ -21,9 +22,10 @@ from pycocotools import mask as mask_utils  # noqa: E402
 
 from engine.batch_job import JobOptions, collect_inputs, decode_image, plan_batches, read_done_ids, run_job  # noqa: E402
 from engine.cli import main  # noqa: E402
+from engine.job_outputs import iter_predictions  # noqa: E402
 from engine.preprocess import resized_canvas  # noqa: E402
 from weights.bundled import shapes_predictor  # noqa: E402
-from weights.shapes import generate  # noqa: E402
+from weights.shapes import HELD_OUT_SEED, generate, write_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +187,139 @@ def test_console_script_and_module():
     assert out.returncode == 0 and "--output" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "engine.cli", "predict", "missing.png", "-o", "x"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "input not found" in bad.stderr
+
+
+# --- Parquet ---------------------------------------------------------------------------------
+
+
+def test_parquet_shards_hold_the_same_rows_as_json_lines(images_dir, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    common = [str(images_dir), "--batch-size", "2", "--no-progress", "--output"]
+    assert main(["predict", *common, str(tmp_path / "jsonl")]) == 0
+    assert main(["predict", *common, str(tmp_path / "parquet"), "--format", "parquet", "--rows-per-shard", "3"]) == 0
+    shards = sorted((tmp_path / "parquet" / "predictions.parquet").glob("*"))
+    assert [p.name for p in shards] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert not (tmp_path / "parquet" / "predictions.jsonl").exists()
+    expected = _rows(tmp_path / "jsonl" / "predictions.jsonl")
+    assert {r["image_id"]: r for r in iter_predictions(tmp_path / "parquet")} == expected
+    table = pq.read_table(tmp_path / "parquet" / "predictions.parquet")  # the folder reads as one data set
+    assert sorted(table.column("image_id").to_pylist()) == sorted(expected) and table.num_rows == 8
+    assert _rows(tmp_path / "parquet" / "errors.jsonl") == _rows(tmp_path / "jsonl" / "errors.jsonl")
+    assert json.loads((tmp_path / "parquet" / "run.json").read_text())["format"] == "parquet"
+
+
+def test_parquet_resume_drops_an_unfinished_shard_and_keeps_one_format(predictor, images_dir, tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    inputs = [f for f in collect_inputs([str(images_dir)]) if f.image_id.endswith(".png") and "corrupt" not in f.image_id]
+    options = dict(batch_size=2, progress=False, format="parquet", rows_per_shard=2)
+    run_job(predictor, inputs[:3], tmp_path, options=JobOptions(**options))
+    folder = tmp_path / "predictions.parquet"
+    (folder / ".part-000007.parquet.tmp").write_bytes(b"PAR1 a shard cut off by a kill")
+    run_job(predictor, inputs, tmp_path, options=JobOptions(**options))
+    assert not list(folder.glob(".*"))
+    ids = [r["image_id"] for r in iter_predictions(tmp_path)]
+    assert len(ids) == len(set(ids)) == 8
+    reference = tmp_path / "reference"
+    run_job(predictor, inputs, reference, options=JobOptions(batch_size=2, progress=False))
+    assert {r["image_id"]: r for r in iter_predictions(tmp_path)} == _rows(reference / "predictions.jsonl")
+    with pytest.raises(ValueError, match="already holds parquet predictions; resume it with --format parquet"):
+        run_job(predictor, inputs, tmp_path, options=JobOptions(batch_size=2, progress=False))
+
+
+# --- to-coco -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dataset")
+    return folder, write_dataset(folder, seed=HELD_OUT_SEED, count=6)
+
+
+def test_to_coco_with_annotations_equals_detections_to_coco_and_evaluates(predictor, shapes_dataset, tmp_path):
+    from pycocotools.coco import COCO
+
+    from examples.evaluate_coco import coco_evaluate
+
+    folder, annotations = shapes_dataset
+    run = tmp_path / "run"
+    assert main(["predict", str(folder), "--output", str(run), "--batch-size", "1", "--no-progress"]) == 0
+    results_path = tmp_path / "results.json"
+    assert main(["to-coco", str(run), "--output", str(results_path), "--annotations", str(annotations)]) == 0
+    results = json.loads(results_path.read_text())
+    dataset = json.loads(annotations.read_text())
+    expected = []
+    for image in sorted(dataset["images"], key=lambda im: im["file_name"]):
+        rgb = decode_image(folder / image["file_name"])
+        expected.extend(predictor.run([rgb])[0].to_coco(image["id"]))
+    assert results == expected and len(results) > 0
+    gt = COCO(str(annotations))
+    report = coco_evaluate(gt, results, [im["id"] for im in dataset["images"]])
+    assert report["bbox"]["AP"] > 0.5 and report["segm"]["AP"] > 0.5
+
+
+def test_to_coco_without_annotations_numbers_images_and_keeps_labels(images_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["predict", str(images_dir / "img1.png"), str(images_dir / "img2.png"), "-o", str(run), "--no-progress"]) == 0
+    assert main(["to-coco", str(run)]) == 0
+    results = json.loads((run / "coco_results.json").read_text())
+    index = json.loads((run / "coco_results.images.json").read_text())["images"]
+    assert [(im["id"], im["file_name"]) for im in index] == [(1, "img1.png"), (2, "img2.png")]
+    rows = _rows(run / "predictions.jsonl")
+    for im in index:
+        dets = [r for r in results if r["image_id"] == im["id"]]
+        assert [d["category_id"] for d in dets] == [d["category_id"] for d in rows[im["file_name"]]["detections"]]
+        assert [d["segmentation"] for d in dets] == [d["segmentation"] for d in rows[im["file_name"]]["detections"]]
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"1": 11, "2": 12, "3": 13}))
+    assert main(["to-coco", str(run), "-o", str(tmp_path / "mapped.json"), "--category-map", str(mapping)]) == 0
+    mapped = json.loads((tmp_path / "mapped.json").read_text())
+    assert [r["category_id"] for r in mapped] == [r["category_id"] + 10 for r in results]
+
+
+def test_to_coco_says_what_is_wrong(images_dir, shapes_dataset, tmp_path, capsys):
+    assert main(["to-coco", str(tmp_path)]) == 2
+    assert "not the output folder of a predict run" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["predict", str(images_dir / "img1.png"), "-o", str(run), "--no-progress"]) == 0
+    _, annotations = shapes_dataset
+    assert main(["to-coco", str(run), "--annotations", str(annotations)]) == 2
+    assert "1 predicted images have no entry in the annotation file (matched by file_name): img1.png" in capsys.readouterr().err
+    assert not (run / "coco_results.json").exists()
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+_PEAK_RSS = """
+import resource, sys
+from engine.cli import main
+code = main(sys.argv[1:])
+print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+raise SystemExit(code)
+"""
+
+
+def _peak_rss_bytes(image: Path, out: Path, mask_format: str) -> int:
+    command = [sys.executable, "-c", _PEAK_RSS, "predict", str(image), "-o", str(out), "--mask-format", mask_format,
+               "--score-threshold", "0", "--no-progress", "--decode-workers", "1"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
+    return int(done.stdout.split("PEAK_RSS_KIB")[1].split()[0]) * 1024
+
+
+def test_box_masks_keep_memory_bounded_on_a_large_image(tmp_path):
+    """A 2952 x 3048 image with 100 detections: 100 full masks alone take 900 MB. With box masks
+    the run's peak grows, over the same run on the small image, by less than 40 bytes per input
+    pixel (it measured 16.6 here: the decoded image and its pre-processing); with full masks it
+    grows by more (89.7 here: the check can fail)."""
+    small = generate(21, 3).image
+    big = cv2.resize(small, (small.shape[1] * 12, small.shape[0] * 12), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(tmp_path / "small.png"), small[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "big.png"), big[:, :, ::-1])
+    baseline = _peak_rss_bytes(tmp_path / "small.png", tmp_path / "small", "box")
+    box = _peak_rss_bytes(tmp_path / "big.png", tmp_path / "box", "box")
+    full = _peak_rss_bytes(tmp_path / "big.png", tmp_path / "full", "full")
+    (row,) = _rows(tmp_path / "box" / "predictions.jsonl").values()
+    assert len(row["detections"]) == 100
+    assert _rows(tmp_path / "box" / "predictions.jsonl") == _rows(tmp_path / "full" / "predictions.jsonl")
+    pixels = big.shape[0] * big.shape[1]
+    assert (box - baseline) / pixels < 40, f"box masks: {(box - baseline) / 2**20:.0f} MiB over the small image's run"
+    assert (full - baseline) / pixels > 40, "full masks did not cost more than the bound: the check cannot tell them apart"

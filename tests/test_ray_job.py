@@ -18,6 +18,7 @@ pytest.importorskip("ray.data")
 pytest.importorskip("pycocotools")
 
 from engine.batch_job import JobOptions, collect_inputs, run_job  # noqa: E402
+from engine.job_outputs import iter_predictions  # noqa: E402
 from engine.ray_job import CRASH_ONCE_ENV, PredictorSpec, run_ray_job  # noqa: E402
 from weights.bundled import shapes_model, shapes_predictor  # noqa: E402
 from weights.shapes import generate  # noqa: E402
@@ -49,17 +50,26 @@ def _rows(path):
     return [json.loads(line) for line in lines]
 
 
-def test_two_actors_one_crash_same_results_as_in_process(cluster, inputs, tmp_path):
-    options = dict(batch_size=2, window=4)
-    local = tmp_path / "local"
-    # Ray runs a 1-CPU actor with one intra-op thread (OMP_NUM_THREADS=1), and the thread count
-    # changes the float rounding of convolutions: compare with the in-process job on one thread
+OPTIONS = dict(batch_size=2, window=4)
+
+
+@pytest.fixture(scope="module")
+def in_process(inputs, tmp_path_factory):
+    """The in-process job's rows by image_id. Ray runs a 1-CPU actor with one intra-op thread
+    (OMP_NUM_THREADS=1), and the thread count changes the float rounding of convolutions: so
+    the reference runs on one thread too."""
+    local = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_job(shapes_predictor(device="cpu"), inputs, local, options=JobOptions(progress=False, **options), class_names=NAMES)
+        run_job(shapes_predictor(device="cpu"), inputs, local, options=JobOptions(progress=False, **OPTIONS), class_names=NAMES)
     finally:
         torch.set_num_threads(threads)
+    return {r["image_id"]: r for r in _rows(local / "predictions.jsonl")}
+
+
+def test_two_actors_one_crash_same_results_as_in_process(cluster, inputs, in_process, tmp_path):
+    options = OPTIONS
     on_ray = tmp_path / "ray"
     summary = run_ray_job(PredictorSpec(), inputs, on_ray, workers=2, class_names=NAMES, **options)
     assert cluster.exists(), "no actor crashed: the restart path was not exercised"
@@ -67,15 +77,23 @@ def test_two_actors_one_crash_same_results_as_in_process(cluster, inputs, tmp_pa
     ids = [r["image_id"] for r in predictions]
     assert len(ids) == len(set(ids)) == 10 and summary.predicted == 10
     assert [r["image_id"] for r in errors] == ["broken.png"]
-    by_id = {r["image_id"]: r for r in _rows(local / "predictions.jsonl")}
-    assert {r["image_id"]: r for r in predictions} == by_id
+    assert {r["image_id"]: r for r in predictions} == in_process
     record = json.loads((on_ray / "run.json").read_text())
     assert record["ray"]["workers"] == 2 and record["counts"]["predicted"] == 10
 
 
-def test_resume_on_ray_skips_what_is_done(cluster, inputs, tmp_path):
-    first = inputs[:5]
-    run_ray_job(PredictorSpec(), first, tmp_path, workers=2, batch_size=2, window=4, class_names=NAMES)
-    summary = run_ray_job(PredictorSpec(), inputs, tmp_path, workers=2, batch_size=2, window=4, class_names=NAMES)
-    ids = [r["image_id"] for r in _rows(tmp_path / "predictions.jsonl")]
-    assert len(ids) == len(set(ids)) == 10 and summary.skipped == 5
+def test_resume_on_ray_after_lost_shards_gives_the_uninterrupted_result(cluster, inputs, in_process, tmp_path):
+    """Parquet on Ray, then the last two shards deleted (what a kill before they were written
+    leaves), then the same command again: every image once, equal to the in-process job."""
+    pytest.importorskip("pyarrow.parquet")
+    parquet = dict(format="parquet", rows_per_shard=3, class_names=NAMES, workers=2, **OPTIONS)
+    run_ray_job(PredictorSpec(), inputs, tmp_path, **parquet)
+    shards = sorted((tmp_path / "predictions.parquet").glob("part-*.parquet"))
+    assert len(shards) == 4  # 10 images, 3 per shard
+    for lost in shards[2:]:
+        lost.unlink()
+    summary = run_ray_job(PredictorSpec(), inputs, tmp_path, **parquet)
+    rows = list(iter_predictions(tmp_path))
+    ids = [r["image_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 10 and summary.skipped == 7 and summary.predicted == 4  # 6 rows + the broken file
+    assert {r["image_id"]: r for r in rows} == in_process

@@ -10,8 +10,10 @@
 - the driver writes the rows block by block with :class:`engine.job_outputs.JobOutputs`, as the
   in-process job does (JSON lines or Parquet shards), so a killed driver resumes the same way.
 
-A failed actor is restarted and its batch retried (``max_restarts`` / ``max_task_retries``):
-Ray Data hands each output block to the driver once, so no image is lost or written twice.
+A failed actor is restarted and its batch retried: Ray Data's actor pool sets ``max_restarts=-1``
+and ``max_task_retries=-1`` unless told otherwise (Ray 2.60,
+``ray/data/_internal/execution/operators/actor_pool_map_operator.py``), and it hands each output
+block to the driver once, so no image is lost or written twice.
 Ray is an optional dependency: ``pip install 'maskrcnn-engine[ray]'``.
 """
 
@@ -149,6 +151,7 @@ def run_ray_job(
     start = time.perf_counter()
     outputs = JobOutputs(output, summary, _NoProgress(), format=format, rows_per_shard=rows_per_shard)
     gpu = spec.device.startswith("cuda")
+    first_block = None  # seconds to the first block of results: the actors' start and a first window
     try:
         if windows:
             rows = [
@@ -161,19 +164,23 @@ def run_ray_job(
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             # decoding is light next to the model and must not wait for the CPUs the actors hold
             # (on a 2-CPU node, 2 CPU actors hold them all): it asks for none
-            ds = ds.map(_decode_window, num_cpus=0)
+            # Ray would otherwise run every window's decoding at once, each task in a worker
+            # process of its own that imports the engine (torch): as many such tasks as actors
+            ds = ds.map(_decode_window, num_cpus=0, concurrency=max(1, workers))
             ds = ds.map_batches(
                 PredictActor,
                 fn_constructor_kwargs={"spec": spec, "class_names": class_names, "batch_size": batch_size},
                 batch_size=1,  # one window per call
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
+                # one window at a time per actor: Ray Data would queue up to 4 on one actor, and
+                # a job of few windows would then leave the other actors idle
+                compute=ray.data.ActorPoolStrategy(size=max(1, workers), max_tasks_in_flight_per_actor=1),
                 num_gpus=1 if gpu else 0,
                 num_cpus=0 if gpu else 1,
-                max_restarts=-1,
-                max_task_retries=-1,
             )
             for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if first_block is None:
+                    first_block = time.perf_counter() - start
                 parsed = [(json.loads(line), kind) for line, kind in zip(block["line"], block["kind"])]
                 outputs.write([r for r, k in parsed if k == "prediction"], [r for r, k in parsed if k == "error"])
     finally:
@@ -181,11 +188,12 @@ def run_ray_job(
     summary.seconds = time.perf_counter() - start
     new = summary.predicted + summary.errors
     summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
+    summary.timings = {"to_first_block": first_block or 0.0, "write": outputs.write_seconds}
     extra = {
         "ray": {"address": address or "local", "workers": workers, "ray_version": ray.__version__},
         "batch_size": batch_size,
         "format": format,
-        "seconds_by_step": {"write": outputs.write_seconds},
+        "seconds_by_step": summary.timings,
     }
     write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
     return summary

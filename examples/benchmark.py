@@ -16,7 +16,15 @@ photographs from scikit-image. Reported:
   and the share of time after backbone+FPN;
 - kernels against their baselines: multi-level RoIAlign vs torchvision's MultiScaleRoIAlign, paste
   vs torchvision's paste_masks_in_image and vs a grid_sample paste (as Detectron2 pastes), NMS vs
-  torchvision.ops.batched_nms.
+  torchvision.ops.batched_nms;
+- the ``maskrcnn-engine predict`` job (``--sections job``; the bundled shapes model over generated
+  shape images written as PNG files): images/s in-process and on a local Ray cluster with 1 and 2
+  predictor actors (Ray's start-up kept apart; each run's actor start reported separately),
+  against a plain loop of ``Predictor.run`` over the same files (decode, run, nothing written),
+  and the in-process job's time by step (decoding, waiting for it, predicting, encoding the RLEs
+  and rows, writing).
+
+    python examples/benchmark.py --sections job --device cpu --markdown job.md
 
 Every timing warms up first (compilation and autotuning stay out of the figures) and synchronises
 the device before reading the clock. torchvision and scikit-image are needed (the test extra).
@@ -47,6 +55,7 @@ from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
 
+SECTIONS = ("end_to_end", "stages", "kernels", "job")
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -106,6 +115,128 @@ def peak_memory(fn, device: torch.device) -> int | None:
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+# --- the predict job -----------------------------------------------------------------------------
+
+
+def shape_image_files(folder: Path, count: int) -> list[Path]:
+    """``count`` generated shape images (mixed sizes) as PNG files in ``folder``."""
+    import cv2
+
+    from weights.shapes import HELD_OUT_SEED, generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"shape_{i:05d}.png"
+        cv2.imwrite(str(path), np.ascontiguousarray(generate(HELD_OUT_SEED, i).image[:, :, ::-1]))
+        paths.append(path)
+    return paths
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def bench_job(args, device) -> dict:
+    """The predict job against a plain ``Predictor.run`` loop; see the module docstring."""
+    import shutil
+    import tempfile
+
+    from engine.batch_job import JobOptions, collect_inputs, decode_image, run_job
+    from weights.bundled import shapes_model, shapes_predictor
+
+    names = list(shapes_model().class_names)
+    work = Path(tempfile.mkdtemp(prefix="bench-job-"))
+    try:
+        files = shape_image_files(work / "images", args.job_images)
+        inputs = collect_inputs([str(work / "images")])
+        predictor = shapes_predictor(device=str(device))
+        batch = args.job_batch
+
+        def plain_loop():
+            for start in range(0, len(files), batch):
+                predictor.run([decode_image(f) for f in files[start : start + batch]])
+
+        def job(out: Path) -> dict:
+            shutil.rmtree(out, ignore_errors=True)
+            options = JobOptions(batch_size=batch, window=args.job_window, progress=False)
+            summary = run_job(predictor, inputs, out, options=options, class_names=names)
+            return {"seconds": summary.seconds, "timings": summary.timings}
+
+        plain = summary(measure(plain_loop, device=device, warmup=args.warmup_job, repeats=args.repeats_job), items=len(files))
+        for _ in range(args.warmup_job):
+            job(work / "out")
+        runs = [job(work / "out") for _ in range(args.repeats_job)]
+        in_process = summary([r["seconds"] for r in runs], items=len(files))
+        median = _median_run(runs)
+        in_process["share_of_wall"] = {k: v / median["seconds"] for k, v in median["timings"].items()}
+        report = {
+            "images": len(files),
+            "batch": batch,
+            "window": args.job_window,
+            "torch_threads": torch.get_num_threads(),
+            "plain_loop": plain,
+            "in_process": in_process,
+            "ray": bench_job_on_ray(args, device, inputs, work, names, plain["items_per_s"]),
+        }
+        in_process["ratio_vs_plain_loop"] = in_process["items_per_s"] / plain["items_per_s"]
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_job_on_ray(args, device, inputs, work: Path, names, plain_items_per_s: float) -> list[dict] | str:
+    """``run_ray_job`` with each actor count: images/s of the whole run (the actors start in each
+    run, a model load each), the fixed cost of a run (a run of one image: Ray's workers start,
+    import the engine and build their model), and images/s past that fixed cost
+    (``images / (run - fixed cost)``)."""
+    import shutil
+
+    if not args.job_ray_workers:
+        return "skipped: no Ray actor counts given"
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        return "skipped: Ray Data is not installed (pip install -e '.[ray]')"
+    from engine.ray_job import PredictorSpec, run_ray_job
+
+    started_here = not ray.is_initialized()
+    start = time.perf_counter()
+    if started_here:
+        ray.init(num_cpus=args.job_ray_cpus, log_to_driver=False, include_dashboard=False)
+    ray_start = time.perf_counter() - start
+    rows = []
+    try:
+        def ray_run(workers: int, files, out: Path) -> float:
+            shutil.rmtree(out, ignore_errors=True)
+            run = run_ray_job(
+                PredictorSpec(device=str(device)), files, out, workers=workers, batch_size=args.job_batch,
+                window=args.job_window, class_names=names,
+            )
+            return run.seconds
+
+        for workers in args.job_ray_workers:
+            for _ in range(args.warmup_job):
+                ray_run(workers, inputs, work / "ray")
+            times = [ray_run(workers, inputs, work / "ray") for _ in range(args.repeats_job)]
+            fixed = statistics.median(ray_run(workers, inputs[:1], work / "ray-one") for _ in range(args.repeats_job))
+            whole = summary(times, items=len(inputs))
+            rows.append(
+                {
+                    "workers": workers,
+                    **whole,
+                    "fixed_cost_s": fixed,
+                    "items_per_s_past_fixed_cost": len(inputs) / max(whole["median_s"] - fixed, 1e-9),
+                    "ratio_vs_plain_loop": whole["items_per_s"] / plain_items_per_s,
+                }
+            )
+    finally:
+        if started_here:
+            ray.shutdown()
+    return {"ray_start_s": ray_start, "cpus": args.job_ray_cpus, "runs": rows}
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -368,16 +499,72 @@ def _mib(v):
     return "-" if v is None else f"{v / 2**20:.0f}"
 
 
+def job_markdown(job: dict) -> list[str]:
+    plain, local = job["plain_loop"], job["in_process"]
+    lines = [
+        f"`maskrcnn-engine predict`, bundled shapes model, {job['images']} PNG shape images, batch {job['batch']}, "
+        f"windows of {job['window']} images, torch threads {job['torch_threads']} in-process (the fixed cost of a Ray run "
+        "is a run of one image):",
+        "",
+        "| run | images/s (median) | p25-p75 | vs plain loop | fixed cost s | images/s past it |",
+        "|---|---|---|---|---|---|",
+        f"| plain loop of Predictor.run (decode + run) | {plain['items_per_s']:.2f} | {plain['items_per_s_p25']:.2f}-{plain['items_per_s_p75']:.2f} | 1.00x | | |",
+        f"| predict, in-process | {local['items_per_s']:.2f} | {local['items_per_s_p25']:.2f}-{local['items_per_s_p75']:.2f} "
+        f"| {local['ratio_vs_plain_loop']:.2f}x | | |",
+    ]
+    ray = job["ray"]
+    if isinstance(ray, str):
+        lines.append(f"| predict --ray | {ray} | | | | |")
+    else:
+        for r in ray["runs"]:
+            lines.append(
+                f"| predict --ray, {r['workers']} CPU actor(s) of 1 thread | {r['items_per_s']:.2f} | "
+                f"{r['items_per_s_p25']:.2f}-{r['items_per_s_p75']:.2f} | {r['ratio_vs_plain_loop']:.2f}x | {r['fixed_cost_s']:.1f} "
+                f"| {r['items_per_s_past_fixed_cost']:.2f} |"
+            )
+        lines += ["", f"Ray start-up (kept out of the runs): {ray['ray_start_s']:.1f} s, {ray['cpus']} CPUs."]
+    lines += ["", "In-process job, share of wall time by step (decoding runs in threads beside the rest):", "", "| step | share |", "|---|---|"]
+    for step, share in local["share_of_wall"].items():
+        lines.append(f"| {step} | {share:.1%} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
         f"Device: {env['device']}; {env['date']}; torch {env['torch']}, torchvision {env['torchvision']}, "
         f"triton {env['triton']}; images scaled by {report['settings']['image_scale']}.",
         "",
+    ]
+    if "job" in report:
+        lines += job_markdown(report["job"]) + [""]
+    if "end_to_end" in report:
+        lines += end_to_end_markdown(report["end_to_end"])
+    if "stages" in report:
+        st = report["stages"]
+        lines += ["", f"Stages of the engine ({st['precision']}, batch {st['batch']}):", "", "| stage | median ms | share |", "|---|---|---|"]
+        for name, sec in st["median_s"].items():
+            lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
+        lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
+    if "kernels" in report:
+        lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
+        for row in report["kernels"]:
+            for key, res in row.items():
+                if key in ("kernel", "engine"):
+                    continue
+                lines.append(
+                    f"| {row['kernel']} | {row['engine']['median_s'] * 1e3:.3f} | {key} | {res['median_s'] * 1e3:.3f} "
+                    f"| {res['speedup_of_engine']:.2f}x | {_mib(row['engine']['peak_memory_bytes'])} / {_mib(res['peak_memory_bytes'])} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def end_to_end_markdown(rows: list[dict]) -> list[str]:
+    lines = [
         "| batch | system | images/s (median) | p25-p75 | vs torchvision | peak MiB | matched | mask IoU |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["end_to_end"]:
+    for r in rows:
         agree = r.get("agreement")
         matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
         mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree else "-"
@@ -385,21 +572,7 @@ def markdown(report: dict) -> str:
             f"| {r['batch']} | {r['system']} | {r['items_per_s']:.2f} | {r['items_per_s_p25']:.2f}-{r['items_per_s_p75']:.2f} "
             f"| {r['ratio_vs_torchvision']:.2f}x | {_mib(r['peak_memory_bytes'])} | {matched} | {mask_iou} |"
         )
-    st = report["stages"]
-    lines += ["", f"Stages of the engine ({st['precision']}, batch {st['batch']}):", "", "| stage | median ms | share |", "|---|---|---|"]
-    for name, sec in st["median_s"].items():
-        lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
-    lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
-    lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
-    for row in report["kernels"]:
-        for key, res in row.items():
-            if key in ("kernel", "engine"):
-                continue
-            lines.append(
-                f"| {row['kernel']} | {row['engine']['median_s'] * 1e3:.3f} | {key} | {res['median_s'] * 1e3:.3f} "
-                f"| {res['speedup_of_engine']:.2f}x | {_mib(row['engine']['peak_memory_bytes'])} / {_mib(res['peak_memory_bytes'])} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def parse_args(argv=None):
@@ -412,7 +585,19 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="write the full report here")
     ap.add_argument("--markdown", help="write the tables here")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the script on CPU")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to measure (default: all)")
+    ap.add_argument("--job-images", type=int, default=48, help="job section: shape images")
+    ap.add_argument("--job-batch", type=int, default=4, help="job section: batch size")
+    ap.add_argument("--job-window", type=int, default=8, help="job section: images per window (the unit of work of a Ray actor)")
+    ap.add_argument("--job-ray-workers", type=int, nargs="+", default=None, help="job section: Ray actor counts (default: 1 2 on CPU, 1 on CUDA)")
+    ap.add_argument("--job-ray-cpus", type=int, default=None, help="job section: CPUs of the local Ray cluster (default: all)")
     args = ap.parse_args(argv)
+    import os
+
+    args.warmup_job, args.repeats_job = 1, 3
+    args.job_ray_cpus = args.job_ray_cpus or os.cpu_count()
+    if args.job_ray_workers is None:
+        args.job_ray_workers = [1] if args.device.startswith("cuda") else [1, 2]
     args.image_scale, args.stage_batch, args.config = 1.0, 8, None
     args.kernel_batch, args.kernel_image, args.kernel_channels = 8, (800, 1216), 256
     args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 1000, 100, (800, 1200), 5000
@@ -424,30 +609,35 @@ def parse_args(argv=None):
         args.config = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=128, max_size=200)
         args.kernel_batch, args.kernel_image, args.kernel_channels = 2, (64, 96), 8
         args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 6, 4, (40, 60), 60
+        args.job_images, args.warmup_job, args.repeats_job = min(args.job_images, 6), 0, 1
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu" and args.fast_precision == "bf16" and not _cpu_has_fast_bf16():
+    bf16_rows = "end_to_end" in args.sections
+    if bf16_rows and device.type == "cpu" and args.fast_precision == "bf16" and not _cpu_has_fast_bf16():
         print(
             "warning: this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): the engine bf16 rows run "
             "bf16 convolutions on a reference path and take far longer than fp32",
             file=sys.stderr,
         )
-    from checkpoints import make_torchvision_maskrcnn
+    report = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items() if k != "config"}}
+    if "end_to_end" in args.sections or "stages" in args.sections:
+        from checkpoints import make_torchvision_maskrcnn
 
-    size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
-    tv_model = make_torchvision_maskrcnn(**size).to(device).eval()
-    state = {k: v.cpu() for k, v in tv_model.state_dict().items()}
-    report = {
-        "environment": environment(device),
-        "settings": {k: v for k, v in vars(args).items() if k != "config"},
-        "end_to_end": bench_end_to_end(args, tv_model, state, device),
-        "stages": bench_stages(args, state, device),
-        "kernels": bench_kernels(args, device),
-    }
+        size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
+        tv_model = make_torchvision_maskrcnn(**size).to(device).eval()
+        state = {k: v.cpu() for k, v in tv_model.state_dict().items()}
+        if "end_to_end" in args.sections:
+            report["end_to_end"] = bench_end_to_end(args, tv_model, state, device)
+        if "stages" in args.sections:
+            report["stages"] = bench_stages(args, state, device)
+    if "kernels" in args.sections:
+        report["kernels"] = bench_kernels(args, device)
+    if "job" in args.sections:
+        report["job"] = bench_job(args, device)
     table = markdown(report)
     print(table)
     if args.json:

@@ -15,7 +15,8 @@ out of time is recorded and the next one starts; time a phase leaves unused goes
   torchvision on CUDA (its other cases run on the CPU and are covered by the ordinary suite);
 - ``benchmark``: ``examples/benchmark.py``'s functions at batch 1, 8 and 16: torchvision fp32, the
   engine in fp32, bf16 and (where ``Predictor`` takes ``cuda_graph=``) CUDA-graph mode, the engine's
-  stages, and the kernels against their baselines, with few repeats;
+  stages, the kernels against their baselines, with few repeats, and the ``predict`` job on one GPU
+  against a plain ``Predictor.run`` loop (on Ray too, where Ray Data is installed);
 - ``sync``: ``Predictor.run`` of the bundled shapes model under ``torch.cuda.set_sync_debug_mode("warn")``,
   counting the synchronising calls and where in ``engine/`` or ``kernels/`` they come from, then under
   ``"error"``, reporting whether it raised. It measures and reports; a count is not a failure.
@@ -538,6 +539,21 @@ def phase_benchmark(out_dir: Path, *, dry_run: bool, seconds: float, warmup: int
                 say(f"kernels: FAILED {short_error(exc)}")
         else:
             report["skipped"].append("kernels: the phase's time budget is spent")
+        save()
+
+        if clock.left() > 0:
+            try:
+                job_args = bench.parse_args(["--sections", "job", "--device", report["device"], *(["--smoke"] if dry_run else [])])
+                if dry_run:
+                    job_args.job_ray_workers = []  # Ray's start-up is tens of seconds on the CPU
+                report["job"] = bench.bench_job(job_args, device)
+                say(f"predict job: {report['job']['in_process']['items_per_s']:.2f} images/s in-process, "
+                    f"plain Predictor.run loop {report['job']['plain_loop']['items_per_s']:.2f}")
+            except Exception as exc:
+                report["errors"].append({"section": "job", "error": short_error(exc)})
+                say(f"job: FAILED {short_error(exc)}")
+        else:
+            report["skipped"].append("job: the phase's time budget is spent")
     except KeyboardInterrupt:
         report["errors"].append({"section": "benchmark", "error": "interrupted (time budget)"})
     except Exception as exc:
@@ -805,6 +821,8 @@ def benchmark_markdown(res: dict) -> list[str]:
                 lines.append(f"| {row['kernel']} | {row['engine']['median_s'] * 1e3:.3f} | {key} | {base['median_s'] * 1e3:.3f} "
                              f"| {base['speedup_of_engine']:.2f}x | {_mib(row['engine'].get('peak_memory_bytes'))} / "
                              f"{_mib(base.get('peak_memory_bytes'))} |")
+    if res.get("job"):
+        lines += ["", *load_benchmark_module().job_markdown(res["job"])]
     for e in res.get("errors") or []:
         lines.append(f"- error in {e['section']}: `{e['error'][:300]}`")
     for s in res.get("skipped") or []:

@@ -40,3 +40,24 @@ def test_benchmark_smoke(tmp_path):
     assert len(report["kernels"]) == 4
     table = out_md.read_text()
     assert "vs torchvision" in table and "after backbone+FPN" in table
+
+
+def test_benchmark_job_section_smoke(tmp_path):
+    """The predict-job section alone (no torchvision model, no bf16): plain loop, in-process job
+    with its time by step, and Ray with one actor when Ray Data is installed."""
+    pytest.importorskip("pycocotools")
+    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--smoke", "--sections", "job", "--device", "cpu", "--job-ray-workers", "1", "--json", str(out_json), "--markdown", str(out_md)])
+    job = json.loads(out_json.read_text())["job"]
+    assert job["images"] == 6 and job["plain_loop"]["items_per_s"] > 0 and job["in_process"]["items_per_s"] > 0
+    shares = job["in_process"]["share_of_wall"]
+    assert set(shares) == {"decode", "waiting_for_decoding", "predict", "encode", "write"}
+    assert 0.3 < shares["predict"] <= 1.0
+    if importlib.util.find_spec("ray") is not None:
+        (run,) = job["ray"]["runs"]
+        assert run["workers"] == 1 and run["items_per_s"] > 0 and run["fixed_cost_s"] > 0
+    table = out_md.read_text()
+    assert "vs plain loop" in table and "predict, in-process" in table and "vs torchvision" not in table

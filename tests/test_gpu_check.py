@@ -98,6 +98,7 @@ def test_dry_run_results_json(dry_run):
     assert set(bench["stages"]["median_s"]) == {"preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste"}
     assert len(bench["kernels"]) == 4
     assert bench["cuda_graph"]["note"] == "skipped on CPU (CUDA graphs need a GPU)"
+    assert bench["job"]["in_process"]["items_per_s"] > 0 and bench["job"]["ray"].startswith("skipped")
 
     sync = res["phases"]["sync"]["result"]
     assert sync["device"] == "cpu" and len(sync["first_run"]["detections"]) == 2
@@ -113,6 +114,7 @@ def test_dry_run_markdown(dry_run):
     for name in PHASES:
         assert f"| {name} | passed |" in text
     assert "vs torchvision" in text and "after backbone+FPN" in text and "| kernel |" in text
+    assert "| predict, in-process |" in text
     assert 'set_sync_debug_mode("warn")`: skipped-on-CPU' in text
 
 

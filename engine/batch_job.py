@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.job_outputs import FORMATS, RUN_RECORD, JobOutputs, read_done_ids, write_atomically
+from engine.job_outputs import RUN_RECORD, JobOutputs, read_done_ids, write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -162,8 +162,8 @@ class JobOptions:
         decode_workers: decoding threads.
         window: images decoded ahead and grouped by size (a few batches).
         progress: show a tqdm bar (images/s, ETA) on stderr.
-        format: ``"jsonl"`` or ``"parquet"`` (:mod:`engine.job_outputs`).
-        rows_per_shard: images per Parquet shard.
+        format: ``"jsonl"`` or ``"parquet"``, and
+        rows_per_shard: images per Parquet shard (both checked by :class:`engine.job_outputs.JobOutputs`).
     """
 
     batch_size: int = 4
@@ -176,10 +176,11 @@ class JobOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}; got {self.format!r}")
-        if self.rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be >= 1; got {self.rows_per_shard}")
+
+    @property
+    def window_images(self) -> int:
+        """Images per window: ``window``, or 8 batches when it is 0."""
+        return self.window or self.batch_size * 8
 
 
 @dataclass
@@ -347,7 +348,7 @@ def run_job(
     output.mkdir(parents=True, exist_ok=True)
     done = read_done_ids(output)
     summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
-    windows = job_windows(inputs, done, options.window or options.batch_size * 8)
+    windows = job_windows(inputs, done, options.window_images)
     outputs = JobOutputs(
         output, summary, _progress(summary.images - summary.skipped, options.progress),
         format=options.format, rows_per_shard=options.rows_per_shard,

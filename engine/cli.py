@@ -78,10 +78,12 @@ def predict(args: argparse.Namespace) -> int:
             print(f"error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)
             return 2
     if args.format == "parquet":
+        from engine.job_outputs import import_pyarrow
+
         try:
-            import pyarrow.parquet  # noqa: F401
-        except ImportError:
-            print("error: --format parquet writes with pyarrow: pip install 'maskrcnn-engine[parquet]'", file=sys.stderr)
+            import_pyarrow()
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     try:
         inputs = collect_inputs(args.inputs)

@@ -33,6 +33,7 @@ __all__ = [
     "PREDICTIONS",
     "RUN_RECORD",
     "JobOutputs",
+    "import_pyarrow",
     "iter_predictions",
     "read_done_ids",
     "write_atomically",
@@ -45,7 +46,8 @@ RUN_RECORD = "run.json"
 FORMATS = ("jsonl", "parquet")
 
 
-def _pyarrow():
+def import_pyarrow():
+    """``(pyarrow, pyarrow.parquet)``, or ImportError saying what to install."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -56,7 +58,7 @@ def _pyarrow():
 
 def parquet_schema():
     """The pyarrow schema of a prediction row (see the module docstring)."""
-    pa, _ = _pyarrow()
+    pa, _ = import_pyarrow()
     detection = pa.struct(
         [
             ("category_id", pa.int64()),
@@ -113,9 +115,10 @@ def read_done_ids(output: Path) -> set[str]:
     if folder.is_dir():
         for leftover in folder.glob(".part-*.tmp"):
             leftover.unlink()
-        if _shards(output):
-            _, pq = _pyarrow()
-            for shard in _shards(output):
+        shards = _shards(output)
+        if shards:
+            _, pq = import_pyarrow()
+            for shard in shards:
                 done.update(pq.read_table(shard, columns=["image_id"]).column("image_id").to_pylist())
     return done
 
@@ -134,7 +137,7 @@ def iter_predictions(output: Path) -> Iterator[dict]:
     if "jsonl" in present:
         yield from _complete_lines(output / PREDICTIONS)
     if "parquet" in present:
-        _, pq = _pyarrow()
+        _, pq = import_pyarrow()
         for shard in _shards(output):
             yield from pq.read_table(shard).to_pylist()
 
@@ -171,7 +174,7 @@ class _ParquetShards:
     def __init__(self, folder: Path, rows_per_shard: int) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1; got {rows_per_shard}")
-        self.pa, self.pq = _pyarrow()
+        self.pa, self.pq = import_pyarrow()
         self.schema = parquet_schema()
         self.folder, self.rows_per_shard = folder, rows_per_shard
         folder.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.batch_job import InputFile, JobSummary, _NoProgress, decode_or_error, job_record, job_windows, predict_window
-from engine.job_outputs import FORMATS, RUN_RECORD, JobOutputs, read_done_ids, write_atomically
+from engine.batch_job import InputFile, JobOptions, JobSummary, _NoProgress, decode_or_error, job_record, job_windows, predict_window
+from engine.job_outputs import RUN_RECORD, JobOutputs, read_done_ids, write_atomically
 
 __all__ = ["PredictActor", "PredictorSpec", "import_ray", "run_ray_job"]
 
@@ -136,10 +136,9 @@ def run_ray_job(
     ``batch_size``, ``window``, ``format`` and ``rows_per_shard`` mean what they mean in
     :class:`engine.batch_job.JobOptions`; ``workers`` is the number of predictor actors.
     """
-    if batch_size < 1 or workers < 1:
-        raise ValueError(f"batch_size and workers must be >= 1; got {batch_size} and {workers}")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    options = JobOptions(batch_size=batch_size, window=window, progress=False, format=format, rows_per_shard=rows_per_shard)
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -147,7 +146,7 @@ def run_ray_job(
     output.mkdir(parents=True, exist_ok=True)
     done = read_done_ids(output)
     summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
-    windows = job_windows(inputs, done, window or batch_size * 8)
+    windows = job_windows(inputs, done, options.window_images)
     start = time.perf_counter()
     outputs = JobOutputs(output, summary, _NoProgress(), format=format, rows_per_shard=rows_per_shard)
     gpu = spec.device.startswith("cuda")

@@ -128,15 +128,57 @@ def test_batched_run_matches_one_padded_batch(built, rpn_scale):
         assert_same_detections(o, t, f"image {i} of the batch")
 
 
-def test_sync_free_path_matches_without_ties(built):
-    """The CUDA configuration (no host reads, ``trim_padding`` off) gives the same results where
-    no two candidates tie; among exact ties it keeps the stable order (see ``engine/tie_order.py``)."""
+def _candidates(model, images):
+    """mmdetection's scored box candidates before its NMS, per image of one padded batch:
+    ``(scores [N, K + 1], boxes [N, K, 4])`` in the original image's frame (``predict_by_feat``
+    without a test config returns them raw)."""
+    data = mmdet_batch(model, images)
+    samples = data["data_samples"]
+    metas = [s.metainfo for s in samples]
+    with torch.no_grad():
+        feats = model.extract_feat(data["inputs"])
+        proposals = model.rpn_head.predict(feats, samples, rescale=False)
+        # one box-head pass over every image's RoIs, as mmdetection's predict_bbox runs it
+        rois = torch.cat([torch.cat([torch.full_like(p.bboxes[:, :1], i), p.bboxes], 1) for i, p in enumerate(proposals)])
+        heads = model.roi_head._bbox_forward(feats, rois)
+        counts = [len(p.bboxes) for p in proposals]
+        raw = model.roi_head.bbox_head.predict_by_feat(
+            rois=rois.split(counts), cls_scores=heads["cls_score"].split(counts), bbox_preds=heads["bbox_pred"].split(counts),
+            batch_img_metas=metas, rcnn_test_cfg=None, rescale=True,
+        )
+    return [(r.scores, r.bboxes.view(r.bboxes.shape[0], -1, 4)) for r in raw]
+
+
+def _near(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=0, atol=1e-3))
+
+
+def test_sync_free_path_matches_but_for_exact_ties(built):
+    """The CUDA configuration (no host reads, ``trim_padding`` off) gives mmdetection's results,
+    except that among candidates of exactly equal score it keeps the stable order where
+    mmdetection's sort is unstable (see ``engine/tie_order.py``). So a detection may differ only
+    in its box, and only where mmdetection has another candidate of the same label and the very
+    same score: then our box is that candidate's. (Which photographs hold such ties
+    depends on the CPU's float arithmetic: on an AMX machine astronaut does, elsewhere none did.)"""
     _, model, path = built(R50, 0.2)
     predictor = Predictor(path)
     predictor.model.trim_padding = False
     images = photographs(("astronaut", "coffee"))
+    candidates = _candidates(model, images)
     for i, (o, t) in enumerate(zip(predictor.run(images), _mmdet_results(model, images))):
-        assert_same_detections(o, t, f"sync-free, image {i}")
+        where = f"sync-free, image {i}"
+        assert len(o) == len(t.bboxes), f"{where}: {len(o)} detections, mmdetection {len(t.bboxes)}"
+        assert torch.equal(o.labels, t.labels) and torch.equal(o.scores, t.scores), f"{where}: labels or scores differ"
+        scores, boxes = candidates[i]
+        for row in (o.boxes != t.bboxes).any(1).nonzero().flatten().tolist():
+            label = int(o.labels[row])
+            tied = (scores[:, label] == o.scores[row]).nonzero().flatten()
+            assert len(tied) >= 2, f"{where}: detection {row} has another box and no tie among mmdetection's candidates"
+            # (mmdetection's own final boxes come out of another decoding route, 1 ulp apart)
+            assert any(_near(o.boxes[row], boxes[j, label]) for j in tied), f"{where}: detection {row}'s box is no tied candidate's"
+            assert any(_near(t.bboxes[row], boxes[j, label]) for j in tied), f"{where}: the check cannot see mmdetection's own box"
+        same = ~(o.boxes != t.bboxes).any(1)
+        assert torch.equal(o.masks[same], t.masks[same]), f"{where}: masks differ where the boxes agree"
 
 
 @pytest.mark.parametrize("caffe", [False, True], ids=["pytorch-style", "caffe-style"])

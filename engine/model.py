@@ -181,11 +181,18 @@ class MaskRCNN(nn.Module):
 
     # --- stages -------------------------------------------------------------------------------
 
+    def channels_last(self, device: torch.device) -> bool:
+        """Whether the convolutions run channels-last on ``device``: on CUDA in bf16 / fp16, on
+        the CPU where ``config.cpu_memory_format`` says so."""
+        if torch.device(device).type == "cuda":
+            return self.precision != "fp32"
+        return self.config.cpu_memory_format == "channels_last"
+
     def features(self, batch: ImageBatch) -> list[Tensor]:
         """FPN features [P2, P3, P4, P5, P6], each [B, C, Hp / 2**k, Wp / 2**k]: float32, or the
-        reduced precision dtype in bf16 / fp16 mode (channels-last on CUDA there)."""
+        reduced precision dtype in bf16 / fp16 mode; channels-last where :meth:`channels_last`."""
         images = batch.tensor
-        if self.precision != "fp32" and images.is_cuda:
+        if self.channels_last(images.device):
             images = images.contiguous(memory_format=torch.channels_last)
         with self._network_precision(images.device):
             return self.backbone(images)

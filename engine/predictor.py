@@ -120,7 +120,7 @@ class Predictor:
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
         # on the CPU a host read costs nothing and cutting the padding saves the heads' work
         self.model.trim_padding = self.device.type != "cuda"
-        if precision != "fp32" and self.device.type == "cuda":
+        if self.model.channels_last(self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self._graphed = None
         if cuda_graph:

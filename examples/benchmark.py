@@ -55,7 +55,13 @@ from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
 
-SECTIONS = ("end_to_end", "stages", "kernels", "job")
+SECTIONS = ("end_to_end", "stages", "profile", "kernels", "job")
+PROFILE_PRESETS = (
+    "torchvision_maskrcnn_resnet50_fpn",
+    "detectron2_mask_rcnn_R_50_FPN",
+    "mmdet_mask_rcnn_r50_fpn",
+    "matterport_mask_rcnn_fpn",
+)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -329,8 +335,11 @@ def bench_end_to_end(args, tv_model, state, device) -> list[dict]:
     return rows
 
 
-def bench_stages(args, state, device) -> dict:
-    predictor = Predictor(state, device=device, config=args.config, precision=args.fast_precision)
+def bench_stages(args, state, device, *, precision: str | None = None, config=None) -> dict:
+    """Median seconds per stage of ``Predictor.run`` on ``args.stage_batch`` photographs, in
+    ``precision`` (default: the fast one) under ``config`` (default: the checkpoint's preset)."""
+    precision = precision or args.fast_precision
+    predictor = Predictor(state, device=device, config=config or args.config, precision=precision)
     model = predictor.model
     images = photographs(args.stage_batch, scale=args.image_scale)
     timings = {name: [] for name in ("preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste")}
@@ -375,12 +384,51 @@ def bench_stages(args, state, device) -> dict:
     total = sum(medians.values())
     after_backbone = total - medians["preprocess"] - medians["backbone+fpn"]
     return {
-        "precision": args.fast_precision,
+        "precision": precision,
+        "preset": predictor.config.name,
         "batch": args.stage_batch,
         "median_s": medians,
         "share": {k: v / total for k, v in medians.items()},
         "share_after_backbone": after_backbone / total,
     }
+
+
+def bench_profile(args, state, device) -> list[dict]:
+    """The stage profile for each family preset and precision, on the same torchvision-layout
+    weights: each preset brings its family's pre- and post-processing (resize, RoIAlign rule,
+    NMS order, paste), the network costs the same. bf16 on a CPU without oneDNN bf16 kernels
+    (AVX512-BF16 or AMX) is reported as skipped."""
+    from engine.config import get_preset
+
+    rows = []
+    for name in args.profile_presets:
+        config = get_preset(name)
+        if args.config is not None:  # --smoke: the small sizes
+            config = config.replace(min_size=args.config.min_size, max_size=args.config.max_size)
+        for precision in args.profile_precisions:
+            if precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
+                rows.append({"preset": name, "precision": precision, "skipped": "no oneDNN bf16 kernels on this CPU"})
+                continue
+            rows.append(bench_stages(args, state, device, precision=precision, config=config))
+    return rows
+
+
+def profile_markdown(rows: list[dict], threads: int) -> list[str]:
+    stages = next((list(r["median_s"]) for r in rows if "median_s" in r), [])
+    lines = [
+        f"Stages of `Predictor.run` by family preset (torchvision-layout weights, {threads} torch threads), median ms:",
+        "",
+        "| preset | precision | batch | " + " | ".join(stages) + " | total ms | after backbone+FPN |",
+        "|---|---|---|" + "---|" * (len(stages) + 2),
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['preset']} | {r['precision']} | | skipped: {r['skipped']} |")
+            continue
+        cells = " | ".join(f"{r['median_s'][k] * 1e3:.0f} ({r['share'][k]:.0%})" for k in stages)
+        total = sum(r["median_s"].values())
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['batch']} | {cells} | {total * 1e3:.0f} | {r['share_after_backbone']:.0%} |")
+    return lines
 
 
 def random_rois(num_images: int, per_image: int, height: int, width: int, generator) -> torch.Tensor:
@@ -492,6 +540,8 @@ def environment(device: torch.device) -> dict:
         "torchvision": torchvision.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_kernels": _cpu_has_fast_bf16() if device.type == "cpu" else None,
     }
 
 
@@ -546,6 +596,8 @@ def markdown(report: dict) -> str:
         for name, sec in st["median_s"].items():
             lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
         lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
+    if "profile" in report:
+        lines += [""] + profile_markdown(report["profile"], report["environment"]["torch_threads"])
     if "kernels" in report:
         lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
         for row in report["kernels"]:
@@ -586,6 +638,9 @@ def parse_args(argv=None):
     ap.add_argument("--markdown", help="write the tables here")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the script on CPU")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to measure (default: all)")
+    ap.add_argument("--profile-presets", nargs="+", default=list(PROFILE_PRESETS), help="profile section: family presets")
+    ap.add_argument("--profile-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"], help="profile section: precisions")
+    ap.add_argument("--stage-batch", type=int, default=None, help="stages and profile sections: photographs per batch (default 8, 2 with --smoke)")
     ap.add_argument("--job-images", type=int, default=48, help="job section: shape images")
     ap.add_argument("--job-batch", type=int, default=4, help="job section: batch size")
     ap.add_argument("--job-window", type=int, default=8, help="job section: images per window (the unit of work of a Ray actor)")
@@ -598,13 +653,14 @@ def parse_args(argv=None):
     args.job_ray_cpus = args.job_ray_cpus or os.cpu_count()
     if args.job_ray_workers is None:
         args.job_ray_workers = [1] if args.device.startswith("cuda") else [1, 2]
-    args.image_scale, args.stage_batch, args.config = 1.0, 8, None
+    stage_batch = args.stage_batch
+    args.image_scale, args.stage_batch, args.config = 1.0, stage_batch or 8, None
     args.kernel_batch, args.kernel_image, args.kernel_channels = 8, (800, 1216), 256
     args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 1000, 100, (800, 1200), 5000
     if args.smoke:
         from engine.config import TORCHVISION_MASKRCNN_R50_FPN
 
-        args.batch_sizes, args.warmup, args.repeats, args.stage_batch = [1, 2], 0, 2, 2
+        args.batch_sizes, args.warmup, args.repeats, args.stage_batch = [1, 2], 0, 2, stage_batch or 2
         args.image_scale = 0.25
         args.config = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=128, max_size=200)
         args.kernel_batch, args.kernel_image, args.kernel_channels = 2, (64, 96), 8
@@ -624,7 +680,7 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
     report = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items() if k != "config"}}
-    if "end_to_end" in args.sections or "stages" in args.sections:
+    if any(section in args.sections for section in ("end_to_end", "stages", "profile")):
         from checkpoints import make_torchvision_maskrcnn
 
         size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
@@ -634,6 +690,8 @@ def main(argv=None) -> dict:
             report["end_to_end"] = bench_end_to_end(args, tv_model, state, device)
         if "stages" in args.sections:
             report["stages"] = bench_stages(args, state, device)
+        if "profile" in args.sections:
+            report["profile"] = bench_profile(args, state, device)
     if "kernels" in args.sections:
         report["kernels"] = bench_kernels(args, device)
     if "job" in args.sections:

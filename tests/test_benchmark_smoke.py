@@ -61,3 +61,23 @@ def test_benchmark_job_section_smoke(tmp_path):
         assert run["workers"] == 1 and run["items_per_s"] > 0 and run["fixed_cost_s"] > 0
     table = out_md.read_text()
     assert "vs plain loop" in table and "predict, in-process" in table and "vs torchvision" not in table
+
+
+def test_benchmark_profile_section_smoke(tmp_path):
+    """The per-stage profile alone, fp32: one row per family preset, every stage timed, and the
+    table names each preset (bf16 is left out so that it runs on any CPU)."""
+    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--smoke", "--sections", "profile", "--profile-precisions", "fp32", "--stage-batch", "1",
+                "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md)])
+    rows = json.loads(out_json.read_text())["profile"]
+    assert [r["preset"] for r in rows] == list(bench.PROFILE_PRESETS)
+    for r in rows:
+        assert r["precision"] == "fp32" and r["batch"] == 1
+        assert set(r["median_s"]) == {"preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste"}
+        assert all(v > 0 for v in r["median_s"].values())
+        assert abs(sum(r["share"].values()) - 1) < 1e-9
+    table = out_md.read_text()
+    assert all(f"| {name} | fp32 | 1 |" in table for name in bench.PROFILE_PRESETS)

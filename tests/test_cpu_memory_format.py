@@ -1,0 +1,54 @@
+"""``cpu_memory_format="channels_last"``: the opt-in CPU layout runs the convolutions
+channels-last and gives the NCHW path's detections to float32 rounding; bad values are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import photographs
+from engine import Predictor
+from engine.config import PRESETS
+from tiny import TINY_CONFIG, tiny_state_dict
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def test_every_preset_defaults_to_nchw():
+    assert {name: p.cpu_memory_format for name, p in PRESETS.items()} == dict.fromkeys(PRESETS, "contiguous")
+
+
+def test_channels_last_runs_channels_last_and_agrees_with_nchw():
+    state = tiny_state_dict()
+    config = TINY_CONFIG.replace(score_threshold=0.3)
+    nchw = Predictor(state, device="cpu", config=config)
+    fast = Predictor(state, device="cpu", config=config.replace(cpu_memory_format="channels_last"))
+    conv = fast.model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert not nchw.model.channels_last(torch.device("cpu")) and fast.model.channels_last(torch.device("cpu"))
+    images = photographs(("astronaut", "chelsea"))
+    batch = fast.preprocess(images)
+    with torch.inference_mode():
+        features = fast.model.features(batch)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+    total = 0
+    for a, b in zip(nchw.run(images), fast.run(images)):
+        assert len(a) == len(b)
+        total += len(a)
+        if len(a):
+            iou = _box_iou(a.boxes, b.boxes)
+            same = (a.labels[:, None] == b.labels[None, :]) & (iou > 0.99)
+            assert same.any(1).all(), "a detection of the NCHW path has no channels-last counterpart"
+            torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-4)
+    assert total > 0, "no detections: the comparison saw nothing"
+
+
+def test_bad_memory_format_is_refused():
+    with pytest.raises(ValueError, match="cpu_memory_format.*channels_last.*contiguous"):
+        TINY_CONFIG.replace(cpu_memory_format="nhwc")

@@ -20,13 +20,18 @@ class FrozenBatchNorm2d(nn.Module):
     With ``arithmetic = "batch_norm"`` (set by :class:`engine.model.MaskRCNN` from
     ``config.bn_arithmetic``) it calls ``F.batch_norm`` in eval mode instead, bit for bit what an
     ``nn.BatchNorm2d`` in eval mode gives (mmdetection). Input and output: float [B, C, H, W].
+
+    With ``inplace=True`` the scale-shift form overwrites its input when the input has the
+    statistics' dtype (float32), with the same two roundings: every network here passes it a
+    fresh convolution output, and the CPU then skips two full-size allocations per layer.
     """
 
     arithmetic = "scale_shift"
 
-    def __init__(self, num_features: int, *, eps: float) -> None:
+    def __init__(self, num_features: int, *, eps: float, inplace: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.inplace = inplace
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -37,7 +42,14 @@ class FrozenBatchNorm2d(nn.Module):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + shift
+        if self.inplace and x.dtype == scale.dtype:
+            return x.mul_(scale).add_(shift)
+        return x * scale + shift  # under autocast a bf16 / fp16 input comes out float32, as in torchvision
+
+
+def add_into(out: Tensor, other: Tensor) -> Tensor:
+    """``out + other``, written into ``out`` (a fresh intermediate) when that changes no dtype."""
+    return out.add_(other) if out.dtype == torch.result_type(out, other) else out + other
 
 
 class ConvNorm(nn.Sequential):
@@ -54,20 +66,20 @@ class ConvNorm(nn.Sequential):
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2, bias=not norm)
         ]
         if norm:
-            layers.append(FrozenBatchNorm2d(out_channels, eps=bn_eps))
+            layers.append(FrozenBatchNorm2d(out_channels, eps=bn_eps, inplace=True))
         super().__init__(*layers)
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
-        return F.relu(x) if self.relu else x
+        return F.relu_(x) if self.relu else x
 
 
 def projection_shortcut(in_channels: int, out_channels: int, *, stride: int, bn_eps: float) -> nn.Sequential:
     """A residual block's shortcut where the stride or width changes: strided 1x1 conv + frozen batch norm."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-        FrozenBatchNorm2d(out_channels, eps=bn_eps),
+        FrozenBatchNorm2d(out_channels, eps=bn_eps, inplace=True),
     )
 
 
@@ -93,19 +105,19 @@ class Bottleneck(nn.Module):
         super().__init__()
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride_1x1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(width, eps=bn_eps)
+        self.bn1 = FrozenBatchNorm2d(width, eps=bn_eps, inplace=True)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=1, groups=groups, bias=False)
-        self.bn2 = FrozenBatchNorm2d(width, eps=bn_eps)
+        self.bn2 = FrozenBatchNorm2d(width, eps=bn_eps, inplace=True)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.bn3 = FrozenBatchNorm2d(out_channels, eps=bn_eps, inplace=True)
         self.downsample = projection_shortcut(in_channels, out_channels, stride=stride, bn_eps=bn_eps) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu_(self.bn1(self.conv1(x)))
+        out = F.relu_(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + identity)
+        return F.relu_(add_into(out, identity))
 
 
 class BasicBlock(nn.Module):
@@ -118,16 +130,16 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, stride: int, bn_eps: float, downsample: bool) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.bn1 = FrozenBatchNorm2d(out_channels, eps=bn_eps, inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = FrozenBatchNorm2d(out_channels, eps=bn_eps)
+        self.bn2 = FrozenBatchNorm2d(out_channels, eps=bn_eps, inplace=True)
         self.downsample = projection_shortcut(in_channels, out_channels, stride=stride, bn_eps=bn_eps) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu_(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + identity)
+        return F.relu_(add_into(out, identity))
 
 
 BLOCKS = ("bottleneck", "basic")
@@ -191,7 +203,7 @@ class ResNetBody(nn.Module):
                 f"outputs {stage_out_channels}, groups {groups}"
             )
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64, eps=bn_eps)
+        self.bn1 = FrozenBatchNorm2d(64, eps=bn_eps, inplace=True)
         in_channels = 64
         for stage, (blocks, width, out_channels) in enumerate(
             zip(blocks_per_stage, stage_widths, stage_out_channels), start=1
@@ -220,7 +232,7 @@ class ResNetBody(nn.Module):
         self.out_channels = tuple(stage_out_channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu_(self.bn1(self.conv1(x)))
         if self.stem_pool == "tf_same":
             x = tf_same_max_pool(x, kernel_size=3, stride=2)
         else:
@@ -256,7 +268,7 @@ class FeaturePyramid(nn.Module):
         for idx in range(len(features) - 2, -1, -1):
             lateral = self.inner_blocks[idx](features[idx])
             top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
-            last_inner = lateral + top_down
+            last_inner = add_into(lateral, top_down)
             outputs.insert(0, self.layer_blocks[idx](last_inner))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2, padding=0))
         return outputs

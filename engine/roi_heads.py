@@ -46,7 +46,7 @@ class BoxHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=1)
-        return F.relu(self.fc7(F.relu(self.fc6(x))))
+        return F.relu_(self.fc7(F.relu_(self.fc6(x))))
 
 
 class ConvFCBoxHead(nn.Sequential):
@@ -104,7 +104,7 @@ class MaskPredictor(nn.Module):
         self.mask_fcn_logits = nn.Conv2d(channels, num_mask_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+        return self.mask_fcn_logits(F.relu_(self.conv5_mask(x)))
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class RPNHead(nn.Module):
         for x in features:
             t = x
             for block in self.conv:
-                t = F.relu(block(t))
+                t = F.relu_(block(t))
             logits.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return logits, deltas

@@ -77,7 +77,7 @@ class MaskRCNNConfig:
             (oneDNN's faster layout: 1.26x end to end on the torchvision R50-FPN, 2-core CPU). Same
             function, other float32 roundings: against torchvision, R50 scores moved by up to 5e-5
             but a ResNet-101 broke the parity tolerance of 1e-4, hence not the default.
-            CUDA runs channels-last in bf16 / fp16 only, whatever this says.
+            bf16 / fp16 run channels-last on every device, whatever this says; CUDA fp32 runs NCHW.
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
         stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
             (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).

@@ -49,6 +49,13 @@ def test_channels_last_runs_channels_last_and_agrees_with_nchw():
     assert total > 0, "no detections: the comparison saw nothing"
 
 
+def test_reduced_precision_runs_channels_last_on_the_cpu():
+    """bf16 is no parity mode, and oneDNN's bf16 kernels want channels-last: whatever the config says."""
+    fast = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, precision="bf16")
+    assert TINY_CONFIG.cpu_memory_format == "contiguous" and fast.model.channels_last(torch.device("cpu"))
+    assert fast.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bad_memory_format_is_refused():
     with pytest.raises(ValueError, match="cpu_memory_format.*channels_last.*contiguous"):
         TINY_CONFIG.replace(cpu_memory_format="nhwc")

@@ -12,8 +12,15 @@ photographs from scikit-image. Reported:
   (25th-75th percentile) of images/s, ratios against torchvision, peak device memory, and the fast
   mode's agreement with torchvision (detections matched with the same label and box IoU >= 0.95,
   mean mask IoU of the matches);
-- this engine's stages: pre-processing, backbone+FPN, RPN, box head + detection, mask head, paste,
+- the profile (``--sections profile``): the stages of ``Predictor.run`` (pre-processing,
+  backbone+FPN, RPN, box head + detection, mask head, paste) for each family preset and precision,
   and the share of time after backbone+FPN;
+- the peers (``--sections peers``): torchvision, and mmdetection where installed (one image per
+  ``inference_detector`` call), each on its own checkpoint file, against the engine loaded from
+  that same file (fp32, fp32 channels-last on the CPU, the fast mode), in alternating rounds;
+- scaling (``--sections scaling``): the engine's time against the batch size, the image size, the
+  torch threads (CPU), and a mixed batch run as one padded batch, one batch per padded size, or
+  one image per call;
 - kernels against their baselines: multi-level RoIAlign vs torchvision's MultiScaleRoIAlign, paste
   vs torchvision's paste_masks_in_image and vs a grid_sample paste (as Detectron2 pastes), NMS vs
   torchvision.ops.batched_nms;
@@ -25,6 +32,7 @@ photographs from scikit-image. Reported:
   and rows, writing).
 
     python examples/benchmark.py --sections job --device cpu --markdown job.md
+    python examples/benchmark.py --sections peers scaling --device cpu --warmup 1 --repeats 3 --markdown cpu.md
 
 Every timing warms up first (compilation and autotuning stay out of the figures) and synchronises
 the device before reading the clock. torchvision and scikit-image are needed (the test extra).
@@ -55,7 +63,8 @@ from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
 
-SECTIONS = ("end_to_end", "stages", "profile", "kernels", "job")
+SECTIONS = ("end_to_end", "profile", "peers", "scaling", "kernels", "job")
+PEER_NAMES = ("torchvision", "mmdetection")
 PROFILE_PRESETS = (
     "torchvision_maskrcnn_resnet50_fpn",
     "detectron2_mask_rcnn_R_50_FPN",
@@ -269,7 +278,10 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def agreement(reference: list[dict], ours: list, *, box_iou_min: float = 0.95) -> dict:
-    """Share of torchvision's detections matched by ours (same label, box IoU >= 0.95), and mean mask IoU."""
+    """Share of the reference's detections matched by ours (same label, box IoU >= 0.95), and mean mask IoU.
+
+    ``reference``: per image a dict of ``boxes`` [N, 4], ``labels`` [N] and ``masks_bool`` [N, H, W]
+    (a peer's detections in the image's frame)."""
     matched, total, mask_ious = 0, 0, []
     for ref, det in zip(reference, ours):
         total += len(ref["boxes"])
@@ -278,7 +290,7 @@ def agreement(reference: list[dict], ours: list, *, box_iou_min: float = 0.95) -
         ious = box_iou(ref["boxes"].float().cpu(), det.boxes.float().cpu())
         ious[ref["labels"].cpu()[:, None] != det.labels.cpu()[None, :]] = -1
         used = set()
-        ref_masks = ref["masks"][:, 0].cpu() > 0.5
+        ref_masks = ref["masks_bool"].cpu()
         det_masks = det.masks.cpu() if isinstance(det.masks, torch.Tensor) else det.masks.to_full().cpu()
         for i in range(len(ref["boxes"])):
             order = torch.argsort(ious[i], descending=True).tolist()
@@ -291,7 +303,7 @@ def agreement(reference: list[dict], ours: list, *, box_iou_min: float = 0.95) -
             mask_ious.append(1.0 if union == 0 else (ref_masks[i] & det_masks[j]).sum().item() / union)
     return {
         "matched_fraction": matched / total if total else 1.0,
-        "mean_mask_iou": float(np.mean(mask_ious)) if mask_ious else 1.0,
+        "mean_mask_iou": float(np.mean(mask_ious)) if mask_ious else None,  # None: nothing matched
         "reference_detections": total,
     }
 
@@ -413,10 +425,12 @@ def bench_profile(args, state, device) -> list[dict]:
     return rows
 
 
-def profile_markdown(rows: list[dict], threads: int) -> list[str]:
+def profile_markdown(rows: list[dict], threads: int | None = None) -> list[str]:
+    """The rows of :func:`bench_profile` (or single :func:`bench_stages` results) as one table."""
     stages = next((list(r["median_s"]) for r in rows if "median_s" in r), [])
+    on_threads = "" if threads is None else f", {threads} torch threads"
     lines = [
-        f"Stages of `Predictor.run` by family preset (torchvision-layout weights, {threads} torch threads), median ms:",
+        f"Stages of `Predictor.run` by family preset (torchvision-layout weights{on_threads}), median ms:",
         "",
         "| preset | precision | batch | " + " | ".join(stages) + " | total ms | after backbone+FPN |",
         "|---|---|---|" + "---|" * (len(stages) + 2),
@@ -428,6 +442,211 @@ def profile_markdown(rows: list[dict], threads: int) -> list[str]:
         cells = " | ".join(f"{r['median_s'][k] * 1e3:.0f} ({r['share'][k]:.0%})" for k in stages)
         total = sum(r["median_s"].values())
         lines.append(f"| {r['preset']} | {r['precision']} | {r['batch']} | {cells} | {total * 1e3:.0f} | {r['share_after_backbone']:.0%} |")
+    return lines
+
+
+# --- peers side by side, and scaling --------------------------------------------------------------
+
+
+def _interleaved(systems: dict, *, device, warmup: int, repeats: int) -> dict:
+    """Seconds per call of each system, measured in alternating rounds (every system once per
+    round, after ``warmup`` untimed rounds), so that a slow drift of the machine hits all alike."""
+    for _ in range(warmup):
+        for fn in systems.values():
+            fn()
+    times = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, fn in systems.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _torchvision_peer(args, device, work: Path, images):
+    """torchvision's ``maskrcnn_resnet50_fpn`` on its own saved state dict; the batch in one call."""
+    from checkpoints import make_torchvision_maskrcnn
+
+    size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
+    model = make_torchvision_maskrcnn(**size).to(device).eval()
+    path = work / "torchvision_maskrcnn_resnet50_fpn.pth"
+    torch.save(model.state_dict(), path)
+    return "torchvision 0.29 maskrcnn_resnet50_fpn, the batch in one call", path, torchvision_end_to_end(model, images, device)
+
+
+def _mmdetection_peer(args, device, work: Path, images):
+    """mmdetection 3.3's ``mask-rcnn_r50_fpn_1x_coco`` on its own checkpoint file, one image per
+    ``inference_detector`` call (how its API runs a list of arrays)."""
+    from mmdet.apis import inference_detector
+    from mmdet_models import bgr, build_model, save_checkpoint
+
+    cfg, model = build_model("mask-rcnn_r50_fpn_1x_coco")
+    if args.config is not None:  # --smoke: the small sizes, for mmdetection's own pipeline too
+        for step in model.cfg.test_dataloader.dataset.pipeline:
+            if step.get("type") == "Resize":
+                step["scale"] = (args.config.max_size, args.config.min_size)
+    model = model.to(device)
+    path = work / "mmdet_mask-rcnn_r50_fpn_1x_coco.pth"
+    save_checkpoint(cfg, model, path)
+
+    def run():
+        with torch.no_grad():
+            outs = [inference_detector(model, bgr(im)).pred_instances for im in images]
+        return [{"boxes": o.bboxes, "labels": o.labels, "scores": o.scores, "masks_bool": o.masks} for o in outs]
+
+    return "mmdetection 3.3 mask-rcnn_r50_fpn_1x_coco, one image per call", path, run
+
+
+PEERS = {"torchvision": _torchvision_peer, "mmdetection": _mmdetection_peer}
+
+
+def _engine_variants(path: Path, device, args) -> dict:
+    """The engine on a peer's file: fp32 as loaded (the parity default), fp32 channels-last on the
+    CPU (the opt-in layout), and the fast mode where it has fast kernels."""
+    loaded = Predictor(path, device=device)
+    config = loaded.config
+    if args.config is not None:
+        config = config.replace(min_size=args.config.min_size, max_size=args.config.max_size)
+    variants = {"engine fp32": Predictor(path, device=device, config=config)}
+    if device.type == "cpu":
+        variants["engine fp32, channels_last"] = Predictor(path, device=device, config=config.replace(cpu_memory_format="channels_last"))
+    if device.type == "cuda" or _cpu_has_fast_bf16():
+        variants[f"engine {args.fast_precision}"] = Predictor(path, device=device, config=config, precision=args.fast_precision)
+    return variants
+
+
+def bench_peers(args, device) -> list[dict]:
+    """Each installed peer framework against the engine loaded from that peer's own checkpoint
+    file, on the same ``args.peer_batch`` photographs, timed in alternating rounds: median seconds
+    per batch, the ratio of speeds (engine / peer), and the agreement with the peer's detections."""
+    import importlib.util
+    import tempfile
+
+    rows = []
+    images = photographs(args.peer_batch, scale=args.image_scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.peers:
+            if name == "mmdetection" and importlib.util.find_spec("mmdet") is None:
+                rows.append({"peer": name, "skipped": "mmdetection is not installed (see .ci/run for its wheels)"})
+                continue
+            described, path, peer_run = PEERS[name](args, device, Path(tmp), images)
+            engines = _engine_variants(path, device, args)
+            systems = {f"{name} fp32": peer_run, **{k: (lambda p=p: p.run(images)) for k, p in engines.items()}}
+            times = _interleaved(systems, device=device, warmup=args.warmup, repeats=args.repeats)
+            reference = peer_run()
+            base = statistics.median(times[f"{name} fp32"])
+            for system, seconds in times.items():
+                row = {"peer": name, "peer_setup": described, "system": system, "batch": len(images), **summary(seconds, items=len(images))}
+                row["speed_vs_peer"] = base / row["median_s"]
+                if system in engines:
+                    row["agreement"] = agreement(reference, engines[system].run(images))
+                rows.append(row)
+    return rows
+
+
+def peers_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "Peers side by side, each on its own checkpoint (engine loaded from the same file), the same photographs, alternating rounds:",
+        "",
+        "| peer | system | batch | s per batch (median) | p25-p75 | speed vs peer | matched | mask IoU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['peer']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        agree = r.get("agreement")
+        matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
+        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree and agree["mean_mask_iou"] is not None else "-"
+        lines.append(
+            f"| {r['peer']} | {r['system']} | {r['batch']} | {r['median_s']:.2f} | {r['p25_s']:.2f}-{r['p75_s']:.2f} "
+            f"| {r['speed_vs_peer']:.2f}x | {matched} | {mask_iou} |"
+        )
+    return lines
+
+
+def _padded_fraction(predictor, images) -> float:
+    """Share of the padded batch's pixels that no image covers."""
+    batch = predictor.preprocess(images)
+    h, w = batch.tensor.shape[-2:]
+    return 1.0 - sum(ih * iw for ih, iw in batch.image_sizes) / (len(images) * h * w)
+
+
+def _size_buckets(predictor, images) -> list[list[int]]:
+    """Image indices grouped by the padded size each image would have alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(predictor.preprocess([im]).tensor.shape[-2:]), []).append(i)
+    return list(groups.values())
+
+
+def bench_scaling(args, state, device) -> dict:
+    """How the engine's time grows with the batch size, with the image size (the preset's
+    min_size / max_size scaled together), with the torch threads on the CPU, and what a mixed
+    batch pays for padding every image to the largest (one padded batch, against one batch per
+    padded size, against one image per call). torchvision-layout weights, median seconds."""
+    from engine.config import TORCHVISION_MASKRCNN_R50_FPN
+
+    base = args.config or TORCHVISION_MASKRCNN_R50_FPN
+    precisions = ["fp32"] + ([args.fast_precision] if device.type == "cuda" or _cpu_has_fast_bf16() else [])
+    out = {"batch": [], "size": [], "threads": [], "padding": []}
+
+    def timed(fn):
+        return summary(measure(fn, device=device, warmup=args.warmup, repeats=args.repeats))
+
+    for precision in precisions:
+        predictor = Predictor(state, device=device, config=base, precision=precision)
+        for batch in args.scaling_batches:
+            images = photographs(batch, scale=args.image_scale)
+            res = timed(lambda: predictor.run(images))
+            out["batch"].append({"precision": precision, "batch": batch, "median_s": res["median_s"], "images_per_s": batch / res["median_s"]})
+        images = photographs(args.peer_batch, scale=args.image_scale)
+        for min_size in args.scaling_sizes:
+            config = base.replace(min_size=min_size, max_size=round(min_size * base.max_size / base.min_size))
+            sized = Predictor(state, device=device, config=config, precision=precision)
+            res = timed(lambda: sized.run(images))
+            out["size"].append({"precision": precision, "min_size": config.min_size, "max_size": config.max_size,
+                                "batch": len(images), "median_s": res["median_s"], "images_per_s": len(images) / res["median_s"]})
+        buckets = _size_buckets(predictor, images)
+        ways = {
+            "one padded batch": lambda: predictor.run(images),
+            f"one batch per padded size ({len(buckets)})": lambda: [predictor.run([images[i] for i in b]) for b in buckets],
+            "one image per call": lambda: [predictor.run([im]) for im in images],
+        }
+        for way, fn in ways.items():
+            res = timed(fn)
+            out["padding"].append({"precision": precision, "way": way, "batch": len(images), "median_s": res["median_s"],
+                                   "padded_fraction": _padded_fraction(predictor, images) if way == "one padded batch" else None})
+    if device.type == "cpu":
+        available = torch.get_num_threads()
+        predictor = Predictor(state, device=device, config=base)
+        images = photographs(args.peer_batch, scale=args.image_scale)
+        try:
+            for threads in sorted({1, available}):
+                torch.set_num_threads(threads)
+                res = timed(lambda: predictor.run(images))
+                out["threads"].append({"precision": "fp32", "threads": threads, "batch": len(images), "median_s": res["median_s"]})
+        finally:
+            torch.set_num_threads(available)
+    return out
+
+
+def scaling_markdown(res: dict) -> list[str]:
+    lines = ["Scaling of the engine (torchvision-layout weights), median seconds:", "",
+             "| precision | batch | s per batch | images/s |", "|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['batch']} | {r['median_s']:.2f} | {r['images_per_s']:.2f} |" for r in res["batch"]]
+    lines += ["", "| precision | min_size / max_size | batch | s per batch | images/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['min_size']} / {r['max_size']} | {r['batch']} | {r['median_s']:.2f} | {r['images_per_s']:.2f} |" for r in res["size"]]
+    lines += ["", "| precision | a mixed batch run as | images | s | padded pixels |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['precision']} | {r['way']} | {r['batch']} | {r['median_s']:.2f} | {'-' if r['padded_fraction'] is None else format(r['padded_fraction'], '.0%')} |"
+        for r in res["padding"]
+    ]
+    if res["threads"]:
+        lines += ["", "| precision | torch threads | batch | s per batch |", "|---|---|---|---|"]
+        lines += [f"| {r['precision']} | {r['threads']} | {r['batch']} | {r['median_s']:.2f} |" for r in res["threads"]]
     return lines
 
 
@@ -590,14 +809,12 @@ def markdown(report: dict) -> str:
         lines += job_markdown(report["job"]) + [""]
     if "end_to_end" in report:
         lines += end_to_end_markdown(report["end_to_end"])
-    if "stages" in report:
-        st = report["stages"]
-        lines += ["", f"Stages of the engine ({st['precision']}, batch {st['batch']}):", "", "| stage | median ms | share |", "|---|---|---|"]
-        for name, sec in st["median_s"].items():
-            lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
-        lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
     if "profile" in report:
         lines += [""] + profile_markdown(report["profile"], report["environment"]["torch_threads"])
+    if "peers" in report:
+        lines += [""] + peers_markdown(report["peers"])
+    if "scaling" in report:
+        lines += [""] + scaling_markdown(report["scaling"])
     if "kernels" in report:
         lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
         for row in report["kernels"]:
@@ -619,7 +836,7 @@ def end_to_end_markdown(rows: list[dict]) -> list[str]:
     for r in rows:
         agree = r.get("agreement")
         matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
-        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree else "-"
+        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree and agree["mean_mask_iou"] is not None else "-"
         lines.append(
             f"| {r['batch']} | {r['system']} | {r['items_per_s']:.2f} | {r['items_per_s_p25']:.2f}-{r['items_per_s_p75']:.2f} "
             f"| {r['ratio_vs_torchvision']:.2f}x | {_mib(r['peak_memory_bytes'])} | {matched} | {mask_iou} |"
@@ -640,7 +857,11 @@ def parse_args(argv=None):
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to measure (default: all)")
     ap.add_argument("--profile-presets", nargs="+", default=list(PROFILE_PRESETS), help="profile section: family presets")
     ap.add_argument("--profile-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"], help="profile section: precisions")
-    ap.add_argument("--stage-batch", type=int, default=None, help="stages and profile sections: photographs per batch (default 8, 2 with --smoke)")
+    ap.add_argument("--stage-batch", type=int, default=None, help="profile section: photographs per batch (default 8, 2 with --smoke)")
+    ap.add_argument("--peers", nargs="+", default=list(PEER_NAMES), choices=PEER_NAMES, help="peers section: frameworks (mmdetection is skipped where not installed)")
+    ap.add_argument("--peer-batch", type=int, default=None, help="peers and scaling sections: photographs per batch (default 4, 1 with --smoke)")
+    ap.add_argument("--scaling-batches", type=int, nargs="+", default=None, help="scaling section: batch sizes (default 1 2 4 8; 1 2 with --smoke)")
+    ap.add_argument("--scaling-sizes", type=int, nargs="+", default=None, help="scaling section: min_size values, max_size scaled with them (default 480 640 800 1024; 96 128 with --smoke)")
     ap.add_argument("--job-images", type=int, default=48, help="job section: shape images")
     ap.add_argument("--job-batch", type=int, default=4, help="job section: batch size")
     ap.add_argument("--job-window", type=int, default=8, help="job section: images per window (the unit of work of a Ray actor)")
@@ -653,14 +874,17 @@ def parse_args(argv=None):
     args.job_ray_cpus = args.job_ray_cpus or os.cpu_count()
     if args.job_ray_workers is None:
         args.job_ray_workers = [1] if args.device.startswith("cuda") else [1, 2]
-    stage_batch = args.stage_batch
+    stage_batch, peer_batch = args.stage_batch, args.peer_batch
+    scaling_batches, scaling_sizes = args.scaling_batches, args.scaling_sizes
     args.image_scale, args.stage_batch, args.config = 1.0, stage_batch or 8, None
+    args.peer_batch, args.scaling_batches, args.scaling_sizes = peer_batch or 4, scaling_batches or [1, 2, 4, 8], scaling_sizes or [480, 640, 800, 1024]
     args.kernel_batch, args.kernel_image, args.kernel_channels = 8, (800, 1216), 256
     args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 1000, 100, (800, 1200), 5000
     if args.smoke:
         from engine.config import TORCHVISION_MASKRCNN_R50_FPN
 
         args.batch_sizes, args.warmup, args.repeats, args.stage_batch = [1, 2], 0, 2, stage_batch or 2
+        args.peer_batch, args.scaling_batches, args.scaling_sizes = peer_batch or 1, scaling_batches or [1, 2], scaling_sizes or [96, 128]
         args.image_scale = 0.25
         args.config = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=128, max_size=200)
         args.kernel_batch, args.kernel_image, args.kernel_channels = 2, (64, 96), 8
@@ -680,7 +904,7 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
     report = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items() if k != "config"}}
-    if any(section in args.sections for section in ("end_to_end", "stages", "profile")):
+    if any(section in args.sections for section in ("end_to_end", "profile", "scaling")):
         from checkpoints import make_torchvision_maskrcnn
 
         size = {} if args.config is None else {"min_size": args.config.min_size, "max_size": args.config.max_size}
@@ -688,10 +912,12 @@ def main(argv=None) -> dict:
         state = {k: v.cpu() for k, v in tv_model.state_dict().items()}
         if "end_to_end" in args.sections:
             report["end_to_end"] = bench_end_to_end(args, tv_model, state, device)
-        if "stages" in args.sections:
-            report["stages"] = bench_stages(args, state, device)
         if "profile" in args.sections:
             report["profile"] = bench_profile(args, state, device)
+        if "scaling" in args.sections:
+            report["scaling"] = bench_scaling(args, state, device)
+    if "peers" in args.sections:
+        report["peers"] = bench_peers(args, device)
     if "kernels" in args.sections:
         report["kernels"] = bench_kernels(args, device)
     if "job" in args.sections:

@@ -805,12 +805,8 @@ def benchmark_markdown(res: dict) -> list[str]:
                          f"{r['items_per_s_p75']:.2f} | {_f(ratio, '.2f')}{'x' if ratio is not None else ''} "
                          f"| {_mib(r.get('peak_memory_bytes'))} | {_f(agree.get('matched_fraction'), '.3f')} "
                          f"| {_f(agree.get('mean_mask_iou'), '.3f')} |")
-    st = res.get("stages")
-    if st:
-        lines += ["", f"Stages ({st['precision']}, batch {st['batch']}):", "", "| stage | median ms | share |", "|---|---|---|"]
-        for name, sec in st["median_s"].items():
-            lines.append(f"| {name} | {sec * 1e3:.2f} | {st['share'][name]:.1%} |")
-        lines.append(f"| after backbone+FPN | | {st['share_after_backbone']:.1%} |")
+    if res.get("stages"):
+        lines += ["", *load_benchmark_module().profile_markdown([res["stages"]])]
     if res.get("kernels"):
         lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |",
                   "|---|---|---|---|---|---|"]

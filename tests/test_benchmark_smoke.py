@@ -6,37 +6,40 @@ from pathlib import Path
 
 import pytest
 
-import torch
 
 pytestmark = pytest.mark.slow
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """oneDNN has bf16 kernels only on CPUs with AVX512-BF16 or AMX; elsewhere a bf16 convolution
-    takes a reference path (seen here on a 2-core AVX2 EPYC: 70 s for one 256-channel 3x3 conv
-    at 2x64x64, against 0.17 s in fp32), and the smoke run's bf16 row would take over an hour."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
 
 
-@pytest.mark.skipif(not _cpu_has_fast_bf16(), reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): "
-                    "the smoke run's bf16 row would take over an hour; examples/gpu_check.py --dry-run still runs the benchmark")
-def test_benchmark_smoke(tmp_path):
+def _load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+# oneDNN has bf16 kernels only on CPUs with AVX512-BF16 or AMX; elsewhere a bf16 convolution takes a
+# reference path (seen on a 2-core AVX2 EPYC: 70 s for one 256-channel 3x3 conv at 2x64x64, against
+# 0.17 s in fp32), and a smoke run's bf16 rows would take over an hour.
+FAST_BF16 = _load_benchmark()._cpu_has_fast_bf16()
+
+
+@pytest.mark.skipif(not FAST_BF16, reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): "
+                    "the smoke run's bf16 row would take over an hour; examples/gpu_check.py --dry-run still runs the benchmark")
+def test_benchmark_smoke(tmp_path):
+    bench = _load_benchmark()
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
-    bench.main(["--smoke", "--device", "cpu", "--batch-sizes", "2", "--json", str(out_json), "--markdown", str(out_md)])
+    bench.main(["--smoke", "--device", "cpu", "--batch-sizes", "2", "--sections", "end_to_end", "profile", "kernels",
+                "--profile-presets", "torchvision_maskrcnn_resnet50_fpn", "--json", str(out_json), "--markdown", str(out_md)])
     report = json.loads(out_json.read_text())
     systems = {r["system"] for r in report["end_to_end"]}
     assert systems == {"torchvision fp32", "engine fp32", "engine bf16"}
     fp32 = next(r for r in report["end_to_end"] if r["system"] == "engine fp32")
     assert fp32["agreement"]["matched_fraction"] == 1.0  # fp32 is exact parity
-    assert set(report["stages"]["median_s"]) == {"preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste"}
+    assert [(r["preset"], r["precision"]) for r in report["profile"]] == [
+        ("torchvision_maskrcnn_resnet50_fpn", "fp32"), ("torchvision_maskrcnn_resnet50_fpn", "bf16")]
     assert len(report["kernels"]) == 4
     table = out_md.read_text()
     assert "vs torchvision" in table and "after backbone+FPN" in table
@@ -46,9 +49,7 @@ def test_benchmark_job_section_smoke(tmp_path):
     """The predict-job section alone (no torchvision model, no bf16): plain loop, in-process job
     with its time by step, and Ray with one actor when Ray Data is installed."""
     pytest.importorskip("pycocotools")
-    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark()
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
     bench.main(["--smoke", "--sections", "job", "--device", "cpu", "--job-ray-workers", "1", "--json", str(out_json), "--markdown", str(out_md)])
     job = json.loads(out_json.read_text())["job"]
@@ -66,9 +67,7 @@ def test_benchmark_job_section_smoke(tmp_path):
 def test_benchmark_profile_section_smoke(tmp_path):
     """The per-stage profile alone, fp32: one row per family preset, every stage timed, and the
     table names each preset (bf16 is left out so that it runs on any CPU)."""
-    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark()
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
     bench.main(["--smoke", "--sections", "profile", "--profile-precisions", "fp32", "--stage-batch", "1",
                 "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md)])
@@ -81,3 +80,33 @@ def test_benchmark_profile_section_smoke(tmp_path):
         assert abs(sum(r["share"].values()) - 1) < 1e-9
     table = out_md.read_text()
     assert all(f"| {name} | fp32 | 1 |" in table for name in bench.PROFILE_PRESETS)
+
+
+def test_benchmark_peers_and_scaling_sections_smoke(tmp_path):
+    """Peers side by side on their own checkpoint files (mmdetection where installed) and the
+    engine's scaling tables: every system timed, fp32 agreeing with each peer on every detection."""
+    bench = _load_benchmark()
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--smoke", "--sections", "peers", "scaling", "--device", "cpu", "--repeats", "1", "--scaling-batches", "1", "2",
+                "--scaling-sizes", "96", "--json", str(out_json), "--markdown", str(out_md)])
+    report = json.loads(out_json.read_text())
+    bf16 = ["engine bf16"] if FAST_BF16 else []
+    by_peer = {}
+    for r in report["peers"]:
+        by_peer.setdefault(r["peer"], []).append(r)
+    assert set(by_peer) == {"torchvision", "mmdetection"}
+    for peer, rows in by_peer.items():
+        if "skipped" in rows[0]:
+            assert peer == "mmdetection" and importlib.util.find_spec("mmdet") is None
+            continue
+        assert [r["system"] for r in rows] == [f"{peer} fp32", "engine fp32", "engine fp32, channels_last", *bf16]
+        assert all(r["median_s"] > 0 and r["batch"] == 1 for r in rows) and rows[0]["speed_vs_peer"] == 1.0
+        assert rows[1]["agreement"]["matched_fraction"] == 1.0  # the fp32 default is parity with the peer
+    scaling = report["scaling"]
+    precisions = ["fp32", *(["bf16"] if FAST_BF16 else [])]
+    assert [(r["precision"], r["batch"]) for r in scaling["batch"]] == [(p, b) for p in precisions for b in (1, 2)]
+    assert [r["min_size"] for r in scaling["size"]] == [96] * len(precisions)
+    assert [r["way"] for r in scaling["padding"]][:3] == ["one padded batch", "one batch per padded size (1)", "one image per call"]
+    assert [r["threads"] for r in scaling["threads"]] == sorted({1, report["environment"]["torch_threads"]})
+    table = out_md.read_text()
+    assert "speed vs peer" in table and "a mixed batch run as" in table

@@ -27,6 +27,7 @@ class FrozenBatchNorm2d(nn.Module):
     """
 
     arithmetic = "scale_shift"
+    folded = False  # True once fold_frozen_batch_norms moved it into the convolution before it
 
     def __init__(self, num_features: int, *, eps: float, inplace: bool = False) -> None:
         super().__init__()
@@ -37,14 +38,55 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """float32 [C] each: ``y = x * scale + shift``."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return x
         if self.arithmetic == "batch_norm":
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        scale, shift = (t.reshape(1, -1, 1, 1) for t in self.scale_shift())
         if self.inplace and x.dtype == scale.dtype:
             return x.mul_(scale).add_(shift)
         return x * scale + shift  # under autocast a bf16 / fp16 input comes out float32, as in torchvision
+
+
+@torch.no_grad()
+def fold_frozen_batch_norms(root: nn.Module) -> int:
+    """Fold each frozen batch norm that directly follows a convolution into it: the weight scaled
+    per output channel, the shift added to (or made) its bias; the norm then passes its input on.
+
+    For the reduced-precision modes only: it changes roundings (scores moved by up to ~1e-4 on a
+    ResNet-50 in fp32), and in bf16 / fp16 it spares the float32 round trip that the norm's
+    float32 statistics force on every activation under autocast. Pairs are the ``convN`` /
+    ``bnN`` attributes of a block and a conv followed by a norm inside an ``nn.Sequential``
+    (:class:`ConvNorm`, the projection shortcut). Returns the number of norms folded.
+    """
+    pairs = []
+    for module in root.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module)
+            pairs += [(a, b) for a, b in zip(children, children[1:]) if isinstance(a, nn.Conv2d) and isinstance(b, FrozenBatchNorm2d)]
+        for i in range(1, 4):
+            conv, norm = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d):
+                pairs.append((conv, norm))
+    folded = 0
+    for conv, norm in pairs:
+        if norm.folded:
+            continue
+        scale, shift = norm.scale_shift()
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.mul_(scale).add_(shift)
+        norm.folded = True
+        folded += 1
+    return folded
 
 
 def add_into(out: Tensor, other: Tensor) -> Tensor:

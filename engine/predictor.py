@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.backbone import fold_frozen_batch_norms
 from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
@@ -118,6 +119,8 @@ class Predictor:
         self.config = config.replace(**changes) if changes else config
         self.family = checkpoint.family
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
+        if precision != "fp32":  # no parity mode: the norms go into the convolutions
+            fold_frozen_batch_norms(self.model)
         # on the CPU a host read costs nothing and cutting the padding saves the heads' work
         self.model.trim_padding = self.device.type != "cuda"
         if self.model.channels_last(self.device):

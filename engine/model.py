@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -33,52 +33,7 @@ from engine.roi_heads import (
 )
 from engine.rpn import BatchProposals, RPNHead, flatten_levels, select_proposals
 from kernels.roi_align import multilevel_roi_align
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Sizes of the network, read from a checkpoint's tensor shapes.
-
-    Attributes:
-        block: residual block kind, "bottleneck" (ResNet-50 and deeper, ResNeXt) or "basic" (ResNet-18/34).
-        blocks_per_stage: residual blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
-        stage_widths: inner 3x3 width per stage ((64, 128, 256, 512) ResNet; wider for ResNeXt).
-        stage_out_channels: output channels per stage.
-        groups: groups of the 3x3 convs (1 ResNet, 32 or 64 ResNeXt).
-        fpn_channels: FPN and head input width.
-        fpn_norm: FPN convs followed by batch norm (torchvision v2).
-        num_anchors: anchors per location (A).
-        rpn_conv_depth: 3x3 convs in the RPN head.
-        rpn_channels: width of those convs (None: ``fpn_channels``; matterport: 512).
-        box_head_convs: 3x3 convs before the box head's fully connected layer (0: two-layer MLP head).
-        box_head_conv_channels, box_head_norm: width of those convs, and whether batch norm follows them.
-        representation_size: width of the box head's fully connected layers.
-        num_classes: classifier outputs, background included.
-        num_box_classes: class-specific box regressors (num_classes, or num_classes - 1 without background).
-        mask_convs, mask_channels, mask_norm: the mask head's 3x3 convs, their width, batch norm after them.
-        num_mask_classes: mask logit channels.
-    """
-
-    block: str = "bottleneck"
-    blocks_per_stage: tuple[int, int, int, int] = (3, 4, 6, 3)
-    stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
-    stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048)
-    groups: int = 1
-    fpn_channels: int = 256
-    fpn_norm: bool = False
-    num_anchors: int = 3
-    rpn_conv_depth: int = 1
-    rpn_channels: int | None = None
-    box_head_convs: int = 0
-    box_head_conv_channels: int = 256
-    box_head_norm: bool = False
-    representation_size: int = 1024
-    num_classes: int = 91
-    num_box_classes: int = 91
-    mask_convs: int = 4
-    mask_channels: int = 256
-    mask_norm: bool = False
-    num_mask_classes: int = 91
+from weights.spec import ArchitectureSpec  # the sizes a checkpoint reader takes from tensor shapes
 
 
 class _RPN(nn.Module):

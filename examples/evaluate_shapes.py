@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.results import Detections  # noqa: E402
 from examples.evaluate_coco import coco_evaluate  # noqa: E402
-from weights.bundled import shapes_model, shapes_predictor  # noqa: E402
+from engine.bundled import shapes_model, shapes_predictor  # noqa: E402
 from weights.shapes import HELD_OUT_SEED, coco_dataset, samples  # noqa: E402
 
 

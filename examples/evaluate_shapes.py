@@ -52,7 +52,7 @@ def engine_results(predictor, images, *, batch_size: int = 4) -> list[dict]:
 
 def torchvision_model(device: torch.device):
     """torchvision's MaskRCNN with the bundled weights (fp16 file upcast to float32), in eval mode."""
-    from weights.train_shapes import build_torchvision_model
+    from examples.train_shapes import build_torchvision_model
 
     model = build_torchvision_model()
     state = torch.load(shapes_model().checkpoint, map_location="cpu", weights_only=True)

@@ -11,14 +11,13 @@ import contextlib
 import math
 from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from engine.anchors import grid_anchors, normalize_boxes
 from engine.backbone import Backbone, FrozenBatchNorm2d
 from engine.config import MaskRCNNConfig
-from engine.preprocess import ImageBatch
+from engine.preprocess import ImageBatch, image_windows
 from engine.ragged import padded_rois, read_counts
 from engine.roi_heads import (
     BatchDetections,
@@ -251,7 +250,7 @@ class MaskRCNN(nn.Module):
             proposals,
             batch.image_sizes,
             config=self.config,
-            windows=image_windows(batch, self.config),
+            windows=batch.windows if batch.windows is not None else image_windows(batch, self.config),
             host_reads=self.trim_padding,
         )
         if self.trim_padding:
@@ -288,23 +287,6 @@ class MaskRCNN(nn.Module):
 def _largest(counts: Tensor) -> int:
     """The largest count of a batch, read on the host (``trim_padding``'s read)."""
     return max(read_counts(counts), default=0)
-
-
-def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float, float, float, float]]:
-    """Per image, the region of the padded batch its pixels occupy, (x1, y1, x2, y2) in the box frame.
-
-    Pixels: ``(left, top, left + w, top + h)``; normalized: that box through matterport's ``norm_boxes``.
-    """
-    windows = []
-    height, width = batch.tensor.shape[-2:]
-    for (h, w), (top, left) in zip(batch.image_sizes, batch.offsets):
-        box = np.array([left, top, left + w, top + h], dtype=np.float64)
-        if config.box_frame == "normalized":
-            # normalize_boxes' float64 arithmetic on the host: these are host numbers, no device read
-            scale = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
-            box = ((box - np.array([0.0, 0.0, 1.0, 1.0])) / scale).astype(np.float32)
-        windows.append(tuple(float(v) for v in box))
-    return windows
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:

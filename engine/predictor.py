@@ -21,7 +21,6 @@ from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
 from engine.loading import build_model, checkpoint_config, load_checkpoint
-from engine.model import image_windows
 from engine.postprocess import MASK_FORMATS, padded_to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
@@ -178,5 +177,5 @@ class Predictor:
             config=self.config,
             mask_format=self.mask_format,
             max_chunk_bytes=self.max_chunk_bytes,
-            windows=image_windows(batch, self.config),
+            windows=batch.windows,
         )

@@ -106,7 +106,7 @@ def predict(args: argparse.Namespace) -> int:
         weights = Path(args.weights)
         names = default_class_names(predictor.num_classes, background=predictor.config.background_index)
     else:
-        from weights.bundled import shapes_model, shapes_predictor
+        from engine.bundled import shapes_model, shapes_predictor
 
         bundled = shapes_model()
         predictor = shapes_predictor(**options)
@@ -158,13 +158,14 @@ def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
     )
     if args.weights:
         from engine.class_names import default_class_names
-        from weights import load_checkpoint
+        from engine.loading import checkpoint_config, load_checkpoint
 
         checkpoint = load_checkpoint(args.weights, family=args.family)
-        names = default_class_names(checkpoint.spec.num_classes, background=checkpoint.config.background_index)
+        background = checkpoint_config(checkpoint).background_index
+        names = default_class_names(checkpoint.spec.num_classes, background=background)
         weights, family = Path(args.weights), checkpoint.family
     else:
-        from weights.bundled import shapes_model
+        from engine.bundled import shapes_model
 
         bundled = shapes_model()
         names, weights, family = list(bundled.class_names), Path(bundled.checkpoint), "torchvision"

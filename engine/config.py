@@ -244,8 +244,11 @@ class MaskRCNNConfig:
         _one_of("box_coder_style", self.box_coder_style, ("torchvision", "mmdet", "matterport"))
         _one_of("resize_mode", self.resize_mode, RESIZE_MODES)
         _one_of("normalize_precision", self.normalize_precision, ("float32", "float64"))
-        if self.normalize_precision == "float64" and self.normalize_before_resize:
-            raise ValueError("normalize_precision='float64' applies to the uint8 resize methods (normalize_before_resize=False)")
+        if self.normalize_precision == "float64" and self.resize_method == "torch_bilinear":
+            raise ValueError(
+                "normalize_precision='float64' applies to the uint8 resize methods "
+                "(normalize_before_resize=False and resize_method antialias_uint8, cv2_linear or skimage_uint8)"
+            )
         _one_of("box_frame", self.box_frame, BOX_FRAMES)
         _one_of("rpn_selection", self.rpn_selection, RPN_SELECTIONS)
         _one_of("roi_mode", self.roi_mode, ROI_MODES)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from engine.anchors import grid_anchors, normalize_boxes
 from engine.backbone import Backbone, FrozenBatchNorm2d
 from engine.config import MaskRCNNConfig
-from engine.preprocess import ImageBatch
+from engine.preprocess import ImageBatch, image_windows
 from engine.ragged import padded_rois, read_counts
 from engine.roi_heads import (
     BatchDetections,
@@ -33,52 +32,7 @@ from engine.roi_heads import (
 )
 from engine.rpn import BatchProposals, RPNHead, flatten_levels, select_proposals
 from kernels.roi_align import multilevel_roi_align
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Sizes of the network, read from a checkpoint's tensor shapes.
-
-    Attributes:
-        block: residual block kind, "bottleneck" (ResNet-50 and deeper, ResNeXt) or "basic" (ResNet-18/34).
-        blocks_per_stage: residual blocks in ResNet stages 2..5 ((3, 4, 6, 3) is ResNet-50).
-        stage_widths: inner 3x3 width per stage ((64, 128, 256, 512) ResNet; wider for ResNeXt).
-        stage_out_channels: output channels per stage.
-        groups: groups of the 3x3 convs (1 ResNet, 32 or 64 ResNeXt).
-        fpn_channels: FPN and head input width.
-        fpn_norm: FPN convs followed by batch norm (torchvision v2).
-        num_anchors: anchors per location (A).
-        rpn_conv_depth: 3x3 convs in the RPN head.
-        rpn_channels: width of those convs (None: ``fpn_channels``; matterport: 512).
-        box_head_convs: 3x3 convs before the box head's fully connected layer (0: two-layer MLP head).
-        box_head_conv_channels, box_head_norm: width of those convs, and whether batch norm follows them.
-        representation_size: width of the box head's fully connected layers.
-        num_classes: classifier outputs, background included.
-        num_box_classes: class-specific box regressors (num_classes, or num_classes - 1 without background).
-        mask_convs, mask_channels, mask_norm: the mask head's 3x3 convs, their width, batch norm after them.
-        num_mask_classes: mask logit channels.
-    """
-
-    block: str = "bottleneck"
-    blocks_per_stage: tuple[int, int, int, int] = (3, 4, 6, 3)
-    stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
-    stage_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 2048)
-    groups: int = 1
-    fpn_channels: int = 256
-    fpn_norm: bool = False
-    num_anchors: int = 3
-    rpn_conv_depth: int = 1
-    rpn_channels: int | None = None
-    box_head_convs: int = 0
-    box_head_conv_channels: int = 256
-    box_head_norm: bool = False
-    representation_size: int = 1024
-    num_classes: int = 91
-    num_box_classes: int = 91
-    mask_convs: int = 4
-    mask_channels: int = 256
-    mask_norm: bool = False
-    num_mask_classes: int = 91
+from weights.spec import ArchitectureSpec  # the sizes a checkpoint reader takes from tensor shapes
 
 
 class _RPN(nn.Module):
@@ -296,7 +250,7 @@ class MaskRCNN(nn.Module):
             proposals,
             batch.image_sizes,
             config=self.config,
-            windows=image_windows(batch, self.config),
+            windows=batch.windows if batch.windows is not None else image_windows(batch, self.config),
             host_reads=self.trim_padding,
         )
         if self.trim_padding:
@@ -333,23 +287,6 @@ class MaskRCNN(nn.Module):
 def _largest(counts: Tensor) -> int:
     """The largest count of a batch, read on the host (``trim_padding``'s read)."""
     return max(read_counts(counts), default=0)
-
-
-def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float, float, float, float]]:
-    """Per image, the region of the padded batch its pixels occupy, (x1, y1, x2, y2) in the box frame.
-
-    Pixels: ``(left, top, left + w, top + h)``; normalized: that box through matterport's ``norm_boxes``.
-    """
-    windows = []
-    height, width = batch.tensor.shape[-2:]
-    for (h, w), (top, left) in zip(batch.image_sizes, batch.offsets):
-        box = np.array([left, top, left + w, top + h], dtype=np.float64)
-        if config.box_frame == "normalized":
-            # normalize_boxes' float64 arithmetic on the host: these are host numbers, no device read
-            scale = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
-            box = ((box - np.array([0.0, 0.0, 1.0, 1.0])) / scale).astype(np.float32)
-        windows.append(tuple(float(v) for v in box))
-    return windows
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:

@@ -321,7 +321,7 @@ def to_original_frame(
         max_chunk_bytes: cap on the mask bytes pasted per launch (None: chosen from free
             memory, see the module docstring).
         windows: with ``config.box_output="integer"``, each image's normalized window in the
-            padded frame (:func:`engine.model.image_windows`).
+            padded frame (:attr:`engine.preprocess.ImageBatch.windows`).
 
     Returns:
         One :class:`Detections` per image, boxes float32 [N_i, 4] in input-image pixels. On

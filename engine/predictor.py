@@ -21,7 +21,7 @@ from engine.backbone import fold_frozen_batch_norms
 from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
-from engine.model import image_windows
+from engine.loading import build_model, checkpoint_config, load_checkpoint
 from engine.postprocess import MASK_FORMATS, padded_to_original_frame
 from engine.preprocess import ImageBatch, preprocess
 from engine.results import Detections
@@ -60,7 +60,7 @@ class Predictor:
     Args:
         weights: path to a checkpoint file (torchvision ``.pth`` state dict, Detectron2 ``.pkl`` or
             ``.pth``, mmdetection ``.pth``, matterport Keras ``.h5``), or the loaded state dict /
-            container itself (not modified). The bundled shapes model: :func:`weights.bundled.shapes_predictor`.
+            container itself (not modified). The bundled shapes model: :func:`engine.bundled.shapes_predictor`.
         family: "torchvision", "detectron2", "mmdetection" or "matterport"; by default detected from the checkpoint's keys.
         device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
             on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
@@ -105,10 +105,8 @@ class Predictor:
             raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True captures CUDA graphs and needs device='cuda'; got device={str(self.device)!r}")
-        from weights import build_model, load_checkpoint  # weights builds engine modules: import it late
-
         checkpoint = load_checkpoint(weights, family=family)
-        config = checkpoint.config if config is None else config
+        config = checkpoint_config(checkpoint) if config is None else config
         overrides = {
             "score_threshold": score_threshold,
             "nms_threshold": nms_threshold,
@@ -182,5 +180,5 @@ class Predictor:
             config=self.config,
             mask_format=self.mask_format,
             max_chunk_bytes=self.max_chunk_bytes,
-            windows=image_windows(batch, self.config),
+            windows=batch.windows,
         )

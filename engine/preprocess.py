@@ -32,7 +32,7 @@ least 1 pixel. Then, by ``MaskRCNNConfig.resize_method``:
     clipped to the input's value range and truncated to uint8.
 
 For the three uint8 methods the resized uint8 image is then converted and normalised like the
-first (``normalize_before_resize=False``). Finally the batch is zero-padded bottom/right to a
+first (``normalize_before_resize=False``): one function, :func:`_normalize`, serves both. Finally the batch is zero-padded bottom/right to a
 common size, a multiple of ``size_divisibility``.
 
 ``resize_mode="square"`` (matterport's ``resize_image(mode="square")``, :func:`square_resized_size`)
@@ -41,6 +41,10 @@ unless the long side would then exceed ``max_size``; sides are rounded with Pyth
 an image already at that size is not resampled; each image is centred in a ``max_size`` x
 ``max_size`` canvas of raw 0 pixels (``-mean / std`` once normalised), its offset recorded in
 :attr:`ImageBatch.offsets`.
+
+The batch also carries each image's window, the region of the padded batch its pixels occupy
+in the box frame (:func:`image_windows`), computed once here: the detection post-processing
+clips to it and the paste-back crops by it.
 """
 
 from __future__ import annotations
@@ -67,12 +71,16 @@ class ImageBatch:
         original_sizes: per image (H, W) as given by the caller (the frame of the results).
         offsets: per image (top, left) of the resized image inside the padded one ((0, 0) except
             with ``resize_mode="square"``, which centres it).
+        windows: per image (x1, y1, x2, y2), the region of the padded batch its pixels occupy, in
+            the configuration's box frame (:func:`image_windows`); :func:`preprocess` fills it in.
+            None for a batch built by hand (:class:`engine.model.MaskRCNN` then computes it).
     """
 
     tensor: Tensor
     image_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
     offsets: list[tuple[int, int]] | None = None
+    windows: list[tuple[float, float, float, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.offsets is None:
@@ -140,34 +148,35 @@ PILLOW_VERSION = (13, 0)
 def normalize_and_resize(image: Tensor, *, config: MaskRCNNConfig) -> Tensor:
     """One image: uint8 [H, W, 3] RGB on the target device -> float32 [3, h, w], normalised and resized."""
     height, width = image.shape[:2]
-    out_h, out_w = output_size(height, width, config)
-    if config.resize_method in UINT8_RESIZE_METHODS:
-        if config.resize_mode == "square" and (out_h, out_w) == (height, width):
-            return _normalize(image, config)  # matterport does not resample at scale 1
-        return _normalize(resize_uint8(image, out_h, out_w, method=config.resize_method), config)
-    x = image.permute(2, 0, 1).float() / config.input_scale
-    if config.channel_order == "BGR":
-        x = x.flip(0)
-    mean = upload(list(config.pixel_mean), dtype=x.dtype, device=x.device)
-    std = upload(list(config.pixel_std), dtype=x.dtype, device=x.device)
-    if not config.normalize_before_resize:
-        x = _resize(x, out_h, out_w)
-    x = (x - mean[:, None, None]) / std[:, None, None]
-    if config.normalize_before_resize:
-        x = _resize(x, out_h, out_w)
-    return x
+    out = output_size(height, width, config)
+    if config.resize_method not in UINT8_RESIZE_METHODS:
+        return _normalize(image, config, float_resize=out)
+    if not (config.resize_mode == "square" and out == (height, width)):  # matterport does not resample at scale 1
+        image = resize_uint8(image, *out, method=config.resize_method)
+    return _normalize(image, config)
 
 
-def _normalize(image: Tensor, config: MaskRCNNConfig) -> Tensor:
-    """uint8 [h, w, 3] RGB -> float32 [3, h, w] in the network's channel order, ``(x / scale - mean) / std``
-    (in float64 and rounded once with ``normalize_precision="float64"``)."""
+def _normalize(image: Tensor, config: MaskRCNNConfig, *, float_resize: tuple[int, int] | None = None) -> Tensor:
+    """uint8 [h, w, 3] RGB -> float32 [3, h, w] in the network's channel order, ``(x / scale - mean) / std``.
+
+    The one normalisation of every resize method. ``float_resize`` (out_h, out_w): resize the float
+    image with ``F.interpolate`` ("torch_bilinear"), after the normalisation with
+    ``normalize_before_resize`` (torchvision), before it otherwise; None for an image already
+    resized as uint8 (or not resized). With ``normalize_precision="float64"`` (uint8 methods only)
+    the arithmetic runs in float64 and is rounded to float32 once, at the end.
+    """
     wide = config.normalize_precision == "float64"
     x = image.permute(2, 0, 1).to(torch.float64 if wide else torch.float32) / config.input_scale
     if config.channel_order == "BGR":
         x = x.flip(0)
+    if float_resize is not None and not config.normalize_before_resize:
+        x = _resize(x, *float_resize)
     mean = upload(list(config.pixel_mean), dtype=x.dtype, device=x.device)
     std = upload(list(config.pixel_std), dtype=x.dtype, device=x.device)
-    return ((x - mean[:, None, None]) / std[:, None, None]).to(torch.float32)
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    if float_resize is not None and config.normalize_before_resize:
+        x = _resize(x, *float_resize)
+    return x.to(torch.float32)
 
 
 def _resize(x: Tensor, out_h: int, out_w: int) -> Tensor:
@@ -396,9 +405,35 @@ def preprocess(images: list[np.ndarray], *, config: MaskRCNNConfig, device: torc
         offsets = [(0, 0)] * len(resized)
     for i, (r, (top, left)) in enumerate(zip(resized, offsets)):
         batch[i, :, top : top + r.shape[1], left : left + r.shape[2]].copy_(r)
+    image_sizes = [(int(r.shape[1]), int(r.shape[2])) for r in resized]
     return ImageBatch(
         tensor=batch,
-        image_sizes=[(int(r.shape[1]), int(r.shape[2])) for r in resized],
+        image_sizes=image_sizes,
         original_sizes=[(int(im.shape[0]), int(im.shape[1])) for im in images],
         offsets=offsets,
+        windows=_windows(tuple(batch.shape[-2:]), image_sizes, offsets, box_frame=config.box_frame),
     )
+
+
+def image_windows(batch: ImageBatch, config: MaskRCNNConfig) -> list[tuple[float, float, float, float]]:
+    """Per image, the region of the padded batch its pixels occupy, (x1, y1, x2, y2) in the box frame.
+
+    Pixels: ``(left, top, left + w, top + h)``; normalized: that box through matterport's ``norm_boxes``.
+    :func:`preprocess` stores them in :attr:`ImageBatch.windows`; this computes them for any batch.
+    """
+    return _windows(tuple(batch.tensor.shape[-2:]), batch.image_sizes, batch.offsets, box_frame=config.box_frame)
+
+
+def _windows(
+    padded: tuple[int, int], image_sizes: list[tuple[int, int]], offsets: list[tuple[int, int]], *, box_frame: str
+) -> list[tuple[float, float, float, float]]:
+    height, width = padded
+    windows = []
+    for (h, w), (top, left) in zip(image_sizes, offsets):
+        box = np.array([left, top, left + w, top + h], dtype=np.float64)
+        if box_frame == "normalized":
+            # normalize_boxes' float64 arithmetic on the host: these are host numbers, no device read
+            scale = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
+            box = ((box - np.array([0.0, 0.0, 1.0, 1.0])) / scale).astype(np.float32)
+        windows.append(tuple(float(v) for v in box))
+    return windows

@@ -62,7 +62,7 @@ class PredictorSpec:
     def build(self):
         options = dict(device=self.device, precision=self.precision, score_threshold=self.score_threshold, mask_format=self.mask_format)
         if self.weights is None:
-            from weights.bundled import shapes_predictor
+            from engine.bundled import shapes_predictor
 
             return shapes_predictor(**options)
         from engine import Predictor

@@ -4,7 +4,7 @@
     python examples/demo.py --weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth photos/ "more/*.jpg" --output out/
 
 Without ``--weights`` the demo runs the small model that ships with the project (ResNet-18-FPN
-trained on synthetic circles, squares and triangles, see ``weights/bundled.py``): with no
+trained on synthetic circles, squares and triangles, see ``engine/bundled.py``): with no
 inputs it first generates ``--shapes N`` images into ``OUTPUT/inputs/``, so that one command on
 a fresh machine shows real masks.
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     if args.weights:
         predictor = Predictor(args.weights, family=args.family, **options)
     else:
-        from weights.bundled import shapes_model, shapes_predictor
+        from engine.bundled import shapes_model, shapes_predictor
 
         predictor = shapes_predictor(**options)
         bundled_names = list(shapes_model(verify=False).class_names)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.results import Detections  # noqa: E402
 from examples.evaluate_coco import coco_evaluate  # noqa: E402
-from weights.bundled import shapes_model, shapes_predictor  # noqa: E402
+from engine.bundled import shapes_model, shapes_predictor  # noqa: E402
 from weights.shapes import HELD_OUT_SEED, coco_dataset, samples  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def engine_results(predictor, images, *, batch_size: int = 4) -> list[dict]:
 
 def torchvision_model(device: torch.device):
     """torchvision's MaskRCNN with the bundled weights (fp16 file upcast to float32), in eval mode."""
-    from weights.train_shapes import build_torchvision_model
+    from examples.train_shapes import build_torchvision_model
 
     model = build_torchvision_model()
     state = torch.load(shapes_model().checkpoint, map_location="cpu", weights_only=True)

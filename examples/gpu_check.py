@@ -660,13 +660,13 @@ def phase_sync(out_dir: Path, *, dry_run: bool, seconds: float) -> dict:
     try:
         import torch
 
-        from weights.bundled import shapes_predictor
+        from engine.bundled import shapes_predictor
         from weights.shapes import generate
 
         device = torch.device(report["device"])
         predictor = shapes_predictor(device=device)
         images = [generate(11, i).image for i in range(2 if dry_run else 4)]
-        report["model"] = "bundled shapes model (weights/bundled.py: shapes_predictor)"
+        report["model"] = "bundled shapes model (engine/bundled.py: shapes_predictor)"
         report["image_sizes"] = [list(im.shape[:2]) for im in images]
         start = time.perf_counter()
         detections = predictor.run(images)

@@ -3,9 +3,11 @@
     python examples/kernel_report.py                                   # print the tables
     python examples/kernel_report.py --markdown kernels.md             # also write them to a file
     python examples/kernel_report.py --update-benchmarks BENCHMARKS.md # refresh that file's section
+    python examples/kernel_report.py --json records.json               # also write the records as JSON
 
 Compiles each Triton kernel of :mod:`kernels`, in every specialisation the engine launches on
-CUDA, to cubins for sm_80 and sm_90 with :mod:`kernels.aot`: no GPU or CUDA driver needed.
+CUDA (the specialisations of the presets in :data:`engine.config.PRESETS`), to cubins for sm_80
+and sm_90 with :mod:`kernels.aot`: no GPU or CUDA driver needed.
 Prints one row per kernel and architecture, then issue 11's targets (0 spills everywhere,
 RoIAlign and paste at <= 128 registers per thread, no per-thread local array in NMS) and
 whether each is met. ``--update-benchmarks`` replaces the part of the file between
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.config import PRESETS  # noqa: E402
 from kernels import aot  # noqa: E402
 
 START = "<!-- kernel-resources:start -->"
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", metavar="FILE", help="write the section (tables, date, versions) to FILE")
     ap.add_argument("--update-benchmarks", metavar="BENCHMARKS_MD", help="replace the kernel-resources section of this file")
+    ap.add_argument("--json", metavar="FILE", help="write the records (one per kernel and arch) as JSON to FILE")
     ap.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHES), help="compute capabilities (default: 80 90)")
     ap.add_argument(
         "--int-variants",
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    records = aot.kernel_resources(args.arch, aot.kernel_specs(int_variants=args.int_variants), jobs=args.jobs)
+    records = aot.kernel_resources(args.arch, aot.kernel_specs(PRESETS, int_variants=args.int_variants), jobs=args.jobs)
     seconds = time.perf_counter() - t0
     print(aot.markdown_table(records))
     print()
@@ -125,6 +130,8 @@ def main(argv=None) -> int:
     text = section(records, int_variants=args.int_variants)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in records]))
     if args.update_benchmarks:
         update_benchmarks(Path(args.update_benchmarks), text)
         print(f"updated {args.update_benchmarks}")

@@ -18,7 +18,8 @@ theoretical occupancy from the SM limits in :data:`SM_LIMITS`.
 
 Specialisations (:func:`kernel_specs`) are read from the launchers, not copied: RoIAlign
 tiles from :func:`kernels.roi_align._tile` for every (mode, aligned, sampling ratio, output
-size) of the engine presets (:data:`engine.config.PRESETS`); paste from the launcher's
+size) of the configurations passed in (the engine's presets, :data:`engine.config.PRESETS`:
+this package imports nothing from the engine, so the caller hands them over); paste from the launcher's
 ``_BLOCK_H`` / ``_BLOCK_W`` / ``_NUM_WARPS`` for every (method, mask threshold) of the
 presets, with the CUDA path's ``EMULATE_FMA=False``, ``TORCH_CPU_SMALL_PATH=False``; NMS
 from ``kernels.nms._CUDA_TILES``. Argument types and 16-divisibility follow what Triton's
@@ -28,10 +29,11 @@ the FPN width, is a multiple of 16). Full and crop paste modes launch the same b
 
 Under ``TRITON_INTERPRET=1`` (which ``tests/conftest.py`` sets on machines without a GPU)
 ``@triton.jit`` gives interpreter objects that cannot be compiled; the compiles then run
-in a child process without that variable (``python -m kernels.aot --json``), transparently.
+in a child process without that variable (``python -m kernels.aot --specs-from-stdin``),
+transparently.
 
-Command line: ``python -m kernels.aot [--json] [--arch 80 90]`` prints the Markdown table
-(or the records as JSON).
+Command line: ``python examples/kernel_report.py`` (the engine presets' specialisations: tables,
+``--json``, ``--update-benchmarks``).
 """
 
 from __future__ import annotations
@@ -251,19 +253,16 @@ def _pointers(signature: dict) -> tuple:
     return tuple(k for k, v in signature.items() if v.startswith("*"))
 
 
-def _engine_presets():
-    from engine.config import PRESETS  # imported late: kernels must not need the engine to import
-
-    return PRESETS
-
-
-def kernel_specs(*, channels: int = 256, presets=None, int_variants: bool = False) -> list[KernelSpec]:
+def kernel_specs(presets, *, channels: int = 256, int_variants: bool = False) -> list[KernelSpec]:
     """Every distinct kernel specialisation the engine launches on CUDA, in a stable order.
 
-    ``channels``: the FPN width C (256 for every supported checkpoint family; the
-    bundled shapes model has 128, which gives the same tiles). ``presets``: mapping of
-    name to :class:`engine.config.MaskRCNNConfig` (default: ``engine.config.PRESETS``).
-    Specialisations that several presets share are listed once, ``used_by`` naming them.
+    ``presets``: mapping of name to configuration (:class:`engine.config.MaskRCNNConfig`;
+    pass ``engine.config.PRESETS``), of which the RoIAlign fields (``roi_mode``,
+    ``box_pool_size``, ``mask_pool_size``, ``roi_sampling_ratio``, ``roi_aligned``) and the
+    paste fields (``paste_method``, ``mask_threshold``) are read. ``channels``: the FPN width C
+    (256 for every supported checkpoint family; the bundled shapes model has 128, which gives
+    the same tiles). Specialisations that several presets share are listed once, ``used_by``
+    naming them.
 
     Run-time integer arguments are taken in their general form. Triton's JIT also
     specialises an integer argument equal to 1 (it becomes a constant) and one that is a
@@ -273,7 +272,6 @@ def kernel_specs(*, channels: int = 256, presets=None, int_variants: bool = Fals
     """
     from kernels import nms, paste_masks, roi_align
 
-    presets = _engine_presets() if presets is None else presets
     specs: dict[tuple, KernelSpec] = {}
 
     def add(spec: KernelSpec, user: str) -> None:
@@ -678,13 +676,13 @@ def default_jobs() -> int:
 
 
 def kernel_resources(
-    arches: Iterable[int] = ARCHES,
-    specs: Sequence[KernelSpec] | None = None,
+    arches: Iterable[int],
+    specs: Sequence[KernelSpec],
     *,
     jobs: int | None = None,
     subprocess_mode: str = "auto",
 ) -> list[KernelResources]:
-    """Compiles every specialisation (default :func:`kernel_specs`) for every arch; one record each.
+    """Compiles every specialisation (from :func:`kernel_specs`) for every arch; one record each.
 
     Records come spec by spec, arch by arch. A compile error does not raise: it is in that
     record's ``error``. ``jobs``: parallel compile processes (default :func:`default_jobs`).
@@ -697,7 +695,7 @@ def kernel_resources(
     for a in arches:
         if a not in SM_LIMITS:
             raise ValueError(f"unknown arch {a}; known: {sorted(SM_LIMITS)}")
-    specs = kernel_specs() if specs is None else list(specs)
+    specs = list(specs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     if subprocess_mode not in ("auto", "always", "never"):
         raise ValueError(f"subprocess_mode must be 'auto', 'always' or 'never'; got {subprocess_mode!r}")
@@ -811,33 +809,22 @@ def targets_table(records: Sequence[KernelResources]) -> str:
 
 
 def _main(argv=None) -> int:
+    """The child process of :func:`kernel_resources`: specs as JSON on stdin, records to a JSON file.
+
+    (The tables for the engine's presets: ``python examples/kernel_report.py``.)
+    """
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
-    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHES), help="compute capabilities (80 90)")
-    p.add_argument("--json-out", metavar="FILE", help="write the records as JSON to FILE")
-    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs, at most 4)")
-    p.add_argument("--specs-from-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--specs-from-stdin", action="store_true", required=True,
+                   help="read {'specs': [...], 'arches': [...]} as JSON on stdin (kernel_resources' child process)")
+    p.add_argument("--json-out", metavar="FILE", required=True, help="write the records as JSON to FILE")
+    p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     args = p.parse_args(argv)
-    if args.specs_from_stdin:
-        payload = json.loads(sys.stdin.read())
-        specs = [_spec_from_json(d) for d in payload["specs"]]
-        arches = payload["arches"]
-    else:
-        specs, arches = None, args.arch
-    if args.specs_from_stdin:  # the child process of kernel_resources: compile here
-        records = _measure_all(specs, arches, args.jobs or 1)
-    else:
-        records = kernel_resources(arches, specs, jobs=args.jobs)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps([r.to_json() for r in records]))
-    elif args.json:
-        json.dump([r.to_json() for r in records], sys.stdout)
-    else:
-        print(markdown_table(records))
-        print()
-        print(targets_table(records))
+    payload = json.loads(sys.stdin.read())
+    specs = [_spec_from_json(d) for d in payload["specs"]]
+    records = _measure_all(specs, payload["arches"], args.jobs or 1)
+    Path(args.json_out).write_text(json.dumps([r.to_json() for r in records]))
     return 0
 
 

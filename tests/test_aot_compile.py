@@ -23,9 +23,10 @@ import pytest
 
 pytest.importorskip("triton")
 
+from engine.config import PRESETS  # noqa: E402
 from kernels import aot  # noqa: E402
 
-SPECS = aot.kernel_specs()
+SPECS = aot.kernel_specs(PRESETS)
 ARCHES = aot.ARCHES
 CASES = [(spec.name, arch) for spec in SPECS for arch in ARCHES]
 
@@ -193,4 +194,4 @@ def test_resource_table(compiled, record_property):
 def test_without_triton_the_error_is_clear(monkeypatch):
     monkeypatch.setattr(aot, "_HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="needs the `triton` package"):
-        aot.kernel_resources()
+        aot.kernel_resources(ARCHES, SPECS)

@@ -6,6 +6,7 @@ from torch import nn
 
 from engine import Predictor
 from engine.config import TORCHVISION_MASKRCNN_R50_FPN
+from engine.loading import checkpoint_config
 from weights import load_checkpoint
 
 torchvision = pytest.importorskip("torchvision")
@@ -52,7 +53,7 @@ def test_resnet18_detections_match_torchvision(norm_layer, seed):
     config = TORCHVISION_MASKRCNN_R50_FPN.replace(min_size=160, max_size=224)
     expected_eps = 1e-5 if norm_layer is nn.BatchNorm2d else 0.0
     state = model.state_dict()
-    config = config.replace(bn_eps=load_checkpoint(state).config.bn_eps)
+    config = config.replace(bn_eps=checkpoint_config(load_checkpoint(state)).bn_eps)
     assert config.bn_eps == expected_eps
     ours = Predictor(state, config=config).run(images)
     with torch.no_grad():

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import weights.bundled as bundled
+import engine.bundled as bundled
+import weights.bundled as bundled_files
+from engine.loading import checkpoint_config
 from weights import CheckpointError, load_checkpoint
 from weights.shapes import CLASS_NAMES, HELD_OUT_SEED, TRAIN_SEED, samples
 
@@ -29,7 +31,7 @@ def test_shipped_file_and_record():
     size = model.checkpoint.stat().st_size
     assert size <= 40 * 2**20, f"checkpoint is {size / 2**20:.1f} MiB"
     assert model.class_names == CLASS_NAMES
-    assert model.config.min_size == json.loads(bundled.SHAPES_RECORD.read_text())["min_size"]
+    assert model.config.min_size == json.loads(bundled_files.SHAPES_RECORD.read_text())["min_size"]
     assert model.training["seed"] == TRAIN_SEED != HELD_OUT_SEED
     assert {"command", "device", "seconds", "iterations"} <= set(model.training)
     state = torch.load(model.checkpoint, map_location="cpu", weights_only=True)
@@ -39,23 +41,23 @@ def test_shipped_file_and_record():
 
 def test_damaged_file_is_refused(tmp_path, monkeypatch):
     damaged = tmp_path / "shapes_r18_fpn.pth"
-    data = bytearray(bundled.SHAPES_CHECKPOINT.read_bytes())
+    data = bytearray(bundled_files.SHAPES_CHECKPOINT.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    shutil.copy(bundled.SHAPES_RECORD, tmp_path / "shapes_r18_fpn.json")
-    monkeypatch.setattr(bundled, "SHAPES_CHECKPOINT", damaged)
-    monkeypatch.setattr(bundled, "SHAPES_RECORD", tmp_path / "shapes_r18_fpn.json")
+    shutil.copy(bundled_files.SHAPES_RECORD, tmp_path / "shapes_r18_fpn.json")
+    monkeypatch.setattr(bundled_files, "SHAPES_CHECKPOINT", damaged)
+    monkeypatch.setattr(bundled_files, "SHAPES_RECORD", tmp_path / "shapes_r18_fpn.json")
     with pytest.raises(CheckpointError, match="sha256"):
         bundled.shapes_model()
-    monkeypatch.setattr(bundled, "SHAPES_CHECKPOINT", tmp_path / "absent.pth")
+    monkeypatch.setattr(bundled_files, "SHAPES_CHECKPOINT", tmp_path / "absent.pth")
     with pytest.raises(CheckpointError, match="bundled model is missing"):
         bundled.shapes_model()
 
 
 def test_loaded_through_the_ordinary_torchvision_loader():
-    loaded = load_checkpoint(bundled.SHAPES_CHECKPOINT)
+    loaded = load_checkpoint(bundled_files.SHAPES_CHECKPOINT)
     spec = loaded.spec
-    assert loaded.family == "torchvision" and loaded.config.bn_eps == 1e-5
+    assert loaded.family == "torchvision" and loaded.bn_eps == checkpoint_config(loaded).bn_eps == 1e-5
     assert spec.block == "basic" and spec.blocks_per_stage == (2, 2, 2, 2)
     assert spec.stage_out_channels == (64, 128, 256, 512)
     assert spec.fpn_channels == 128 and spec.representation_size == 512 and spec.mask_channels == 128
@@ -119,4 +121,4 @@ def test_demo_with_weights_needs_inputs(tmp_path):
     from examples.demo import main
 
     with pytest.raises(SystemExit):
-        main(["--weights", str(bundled.SHAPES_CHECKPOINT), "--output", str(tmp_path)])
+        main(["--weights", str(bundled_files.SHAPES_CHECKPOINT), "--output", str(tmp_path)])

@@ -24,7 +24,7 @@ from engine.batch_job import JobOptions, collect_inputs, decode_image, plan_batc
 from engine.cli import main  # noqa: E402
 from engine.job_outputs import iter_predictions  # noqa: E402
 from engine.preprocess import resized_canvas  # noqa: E402
-from weights.bundled import shapes_predictor  # noqa: E402
+from engine.bundled import shapes_predictor  # noqa: E402
 from weights.shapes import HELD_OUT_SEED, generate, write_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ from checkpoints import photographs
 from engine import Predictor
 from engine.config import DETECTRON2_MASK_RCNN_R50_FPN
 from tiny import TINY_SPEC, tiny_state_dict
+from engine.loading import checkpoint_config
 from weights import CheckpointError, load_checkpoint
 from weights import detectron2 as d2_format
 
@@ -36,13 +37,14 @@ def test_family_detected_and_preset_applied(d2_pkl):
     loaded = load_checkpoint(path)
     assert loaded.family == "detectron2"
     assert loaded.spec == D2_SPEC
-    assert loaded.config.name == DETECTRON2_MASK_RCNN_R50_FPN.name and loaded.config.background_index == "last"
+    config = checkpoint_config(loaded)
+    assert config.name == DETECTRON2_MASK_RCNN_R50_FPN.name and config.background_index == "last"
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in canonical.items())
 
 
 def test_runs_on_photographs(d2_pkl):
     path, _ = d2_pkl
-    config = load_checkpoint(path).config.replace(min_size=160, max_size=256, score_threshold=0.01)
+    config = checkpoint_config(load_checkpoint(path)).replace(min_size=160, max_size=256, score_threshold=0.01)
     predictor = Predictor(path, config=config)
     images = photographs(("astronaut", "chelsea"))
     results = predictor.run(images)

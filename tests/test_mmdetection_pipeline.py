@@ -10,6 +10,7 @@ from checkpoints import photographs
 from engine import Predictor
 from engine.config import MMDET_MASK_RCNN_R50_FPN
 from tiny import TINY_SPEC, tiny_state_dict
+from engine.loading import checkpoint_config
 from weights import load_checkpoint
 from weights import mmdetection as mm_format
 
@@ -24,10 +25,11 @@ def test_mmdetection_checkpoint_runs(tmp_path):
 
     loaded = load_checkpoint(path)
     assert loaded.family == "mmdetection" and loaded.spec == MM_SPEC
-    assert loaded.config.name == MMDET_MASK_RCNN_R50_FPN.name and loaded.config.resize_method == "cv2_linear"
+    config = checkpoint_config(loaded)
+    assert config.name == MMDET_MASK_RCNN_R50_FPN.name and config.resize_method == "cv2_linear"
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in canonical.items())
 
-    config = loaded.config.replace(min_size=160, max_size=256, score_threshold=0.01)
+    config = config.replace(min_size=160, max_size=256, score_threshold=0.01)
     images = photographs(("coffee", "chelsea"))
     results = Predictor(path, config=config).run(images)
     assert sum(len(r) for r in results) > 0

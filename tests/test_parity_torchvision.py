@@ -20,6 +20,7 @@ import torch
 from checkpoints import make_torchvision_maskrcnn, photographs, to_torchvision_input, legacy_state_dict
 from engine import Predictor
 from engine.model import boxes_to_rois
+from engine.loading import checkpoint_config
 from weights import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -84,7 +85,7 @@ class Case:
             state = legacy_state_dict(state)
         path = tmp_path_factory.mktemp("ckpt") / "maskrcnn.pth"
         torch.save(state, path)
-        config = load_checkpoint(path).config.replace(min_size=min_size, max_size=max_size)
+        config = checkpoint_config(load_checkpoint(path)).replace(min_size=min_size, max_size=max_size)
         self.predictor = Predictor(path, device="cpu", config=config)
         with torch.inference_mode():
             self.tv_inputs = [to_torchvision_input(im) for im in self.images]

@@ -20,7 +20,7 @@ pytest.importorskip("pycocotools")
 from engine.batch_job import JobOptions, collect_inputs, run_job  # noqa: E402
 from engine.job_outputs import iter_predictions  # noqa: E402
 from engine.ray_job import CRASH_ONCE_ENV, PredictorSpec, run_ray_job  # noqa: E402
-from weights.bundled import shapes_model, shapes_predictor  # noqa: E402
+from engine.bundled import shapes_model, shapes_predictor  # noqa: E402
 from weights.shapes import generate  # noqa: E402
 
 NAMES = list(shapes_model(verify=False).class_names)

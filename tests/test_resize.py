@@ -192,6 +192,35 @@ def test_config_rejects_normalize_before_resize_with_uint8_methods(method):
         MaskRCNNConfig(resize_method="pil", normalize_before_resize=False)
 
 
+def test_config_rejects_float64_normalisation_of_the_float_resize():
+    """normalize_precision="float64" is matterport's uint8 path; the float resize runs in float32."""
+    with pytest.raises(ValueError, match="uint8 resize methods"):
+        MaskRCNNConfig(normalize_precision="float64")
+    with pytest.raises(ValueError, match="uint8 resize methods"):
+        MaskRCNNConfig(normalize_precision="float64", normalize_before_resize=False)
+    assert MaskRCNNConfig(
+        normalize_precision="float64", normalize_before_resize=False, resize_method="skimage_uint8"
+    ).normalize_precision == "float64"
+
+
+@pytest.mark.parametrize("preset", ["torchvision_maskrcnn_resnet50_fpn", "matterport_mask_rcnn_fpn"])
+def test_batch_carries_its_windows(preset):
+    """preprocess computes each image's window once; the detections and the paste read it from the batch."""
+    from engine.config import PRESETS
+    from engine.preprocess import image_windows
+
+    config = PRESETS[preset].replace(min_size=64, max_size=128)
+    images = [make_image((50, 70), "noise"), make_image((90, 40), "smooth")]
+    batch = preprocess(images, config=config, device=torch.device("cpu"))
+    assert batch.windows == image_windows(batch, config)
+    height, width = batch.tensor.shape[-2:]
+    for (h, w), (top, left), window in zip(batch.image_sizes, batch.offsets, batch.windows):
+        if config.box_frame == "pixels":
+            assert window == (left, top, left + w, top + h)
+        else:  # matterport's norm_boxes of that box
+            assert window[0] == pytest.approx(left / (width - 1)) and window[3] == pytest.approx((top + h - 1) / (height - 1))
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("method", UINT8_RESIZE_METHODS)

@@ -1,14 +1,29 @@
 """The bundled model's training script: schedule, batches in torchvision's target format, fp16 saving."""
 
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("torchvision")
 
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_shapes.py"
+sys.path.insert(0, str(ROOT))
+
+from examples.train_shapes import learning_rate, save_fp16, training_batch  # noqa: E402
 from weights.shapes import TRAIN_SEED, generate  # noqa: E402
-from weights.train_shapes import learning_rate, save_fp16, training_batch  # noqa: E402
+
+
+def test_readme_command_runs():
+    """The README's training command points at this script, which starts from any directory."""
+    assert "python examples/train_shapes.py --iterations" in (ROOT / "README.md").read_text()
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--iterations" in out.stdout and "--output" in out.stdout
 
 
 def test_learning_rate_schedule():

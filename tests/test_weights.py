@@ -5,6 +5,7 @@ import torch
 
 from checkpoints import legacy_state_dict
 from tiny import TINY_SPEC, tiny_state_dict
+from engine.loading import checkpoint_config
 from weights import CheckpointError, load_checkpoint
 from weights.torchvision import architecture, rename_legacy_keys
 
@@ -31,10 +32,10 @@ def test_legacy_names_are_accepted():
 
 def test_eps_follows_num_batches_tracked():
     state = tiny_state_dict()
-    assert load_checkpoint(state).config.bn_eps == 0.0
+    assert checkpoint_config(load_checkpoint(state)).bn_eps == 0.0
     state["backbone.body.bn1.num_batches_tracked"] = torch.tensor(0)
     loaded = load_checkpoint(state)
-    assert loaded.config.bn_eps == 1e-5
+    assert checkpoint_config(loaded).bn_eps == 1e-5
     assert not any(k.endswith("num_batches_tracked") for k in loaded.state_dict)
 
 
@@ -136,4 +137,43 @@ def test_architecture_round_trip(changes):
     loaded = load_checkpoint(tiny_state_dict(spec=spec))
     assert loaded.spec == spec
     expected = "torchvision_maskrcnn_resnet50_fpn_v2" if spec.fpn_norm else "torchvision_maskrcnn_resnet50_fpn"
-    assert loaded.config.name == expected
+    assert checkpoint_config(loaded).name == expected
+
+
+@pytest.mark.parametrize(
+    "changes, box_pool_size",
+    [
+        (dict(), 7),
+        (dict(), 5),
+        (dict(fpn_norm=True, box_head_convs=4, box_head_conv_channels=8, box_head_norm=True, mask_norm=True,
+              rpn_conv_depth=2), 7),  # torchvision v2
+        (dict(box_head_convs=2, box_head_conv_channels=8), 7),  # conv heads without norm: convs with bias
+        (dict(groups=4, stage_widths=(32, 64, 128, 256), rpn_channels=24), 7),  # ResNeXt, matterport-wide RPN
+        (dict(block="basic", blocks_per_stage=(2, 2, 2, 2), stage_widths=(32, 64, 96, 128),
+              stage_out_channels=(32, 64, 96, 128)), 7),
+        (dict(num_classes=6, num_box_classes=5, num_mask_classes=5), 7),  # background last (Detectron2, mmdet)
+    ],
+)
+def test_canonical_shapes_are_the_networks_own(changes, box_pool_size):
+    """weights.spec lists the engine network's tensors without building it: same names, order and shapes."""
+    from dataclasses import replace
+
+    from engine.config import MaskRCNNConfig
+    from engine.model import MaskRCNN
+    from weights.spec import canonical_shapes
+
+    spec = replace(TINY_SPEC, **changes)
+    with torch.device("meta"):
+        model = MaskRCNN(spec=spec, config=MaskRCNNConfig(name="shapes", box_pool_size=box_pool_size))
+    expected = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert list(canonical_shapes(spec, box_pool_size=box_pool_size).items()) == expected
+
+
+def test_every_family_has_a_preset():
+    from engine.loading import family_preset
+    from weights import FAMILIES
+
+    for family in FAMILIES:
+        assert family_preset(family, TINY_SPEC).name
+    with pytest.raises(ValueError, match="family"):
+        family_preset("yolo", TINY_SPEC)

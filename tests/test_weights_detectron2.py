@@ -21,7 +21,8 @@ import engine  # noqa: F401  (import the engine before weights: weights/__init__
 from engine.config import TORCHVISION_MASKRCNN_R50_FPN
 from engine.model import ArchitectureSpec
 from tiny import tiny_state_dict
-from weights import CheckpointError, LoadedCheckpoint, build_model
+from engine.loading import build_model
+from weights import Checkpoint, CheckpointError
 from weights import detectron2 as d2
 
 #: the engine's behaviour is irrelevant here; only the structure (and background last) matters
@@ -192,7 +193,7 @@ def check_loaded(canonical, layout, arrays, spec):
     for c, d in expected.items():
         assert canonical[c].dtype == torch.float32
         assert torch.equal(canonical[c], torch.from_numpy(arrays[d]).float()), c
-    checkpoint = LoadedCheckpoint(state_dict=canonical, spec=spec, config=D2_CONFIG, family="detectron2")
+    checkpoint = Checkpoint(state_dict=canonical, spec=spec, family="detectron2")
     model = build_model(checkpoint, config=D2_CONFIG)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[c], canonical[c]) for c in canonical)
@@ -350,7 +351,7 @@ def test_missing_frozen_bn_stats_default_to_zero_and_one():
     assert torch.equal(canonical["backbone.body.layer1.0.downsample.1.running_var"], torch.ones(32))
     kept = {c: d for d, c, _ in layout if d in arrays}
     assert all(torch.equal(canonical[c], torch.from_numpy(arrays[d])) for c, d in kept.items())
-    build_model(LoadedCheckpoint(canonical, spec, D2_CONFIG, "detectron2"), config=D2_CONFIG)
+    build_model(Checkpoint(canonical, spec, "detectron2"), config=D2_CONFIG)
 
     # only one of the two missing: only that one is filled
     arrays_only_var["backbone.bottom_up.stem.conv1.norm.running_mean"] = np.full(64, 3.0, np.float32)

@@ -19,7 +19,8 @@ import torch
 import engine  # noqa: F401  (weights imports engine)
 from engine.backbone import tf_same_max_pool
 from engine.config import TORCHVISION_MASKRCNN_R50_FPN
-from weights import CheckpointError, LoadedCheckpoint, build_model
+from engine.loading import build_model
+from weights import Checkpoint, CheckpointError
 from weights import matterport as mp
 
 keras = pytest.importorskip("keras")
@@ -48,7 +49,7 @@ def engine_model(keras_matterport, tmp_path_factory):
     path = tmp_path_factory.mktemp("mp") / "mask_rcnn_random.h5"
     write_keras2_h5(path, weights)
     state, spec = mp.convert(path)
-    checkpoint = LoadedCheckpoint(state_dict=state, spec=spec, config=NETWORK_CONFIG, family="matterport")
+    checkpoint = Checkpoint(state_dict=state, spec=spec, family="matterport")
     return build_model(checkpoint, config=NETWORK_CONFIG)
 
 

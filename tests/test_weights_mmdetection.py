@@ -22,7 +22,8 @@ import engine  # noqa: F401  (import the engine before weights: weights/__init__
 from engine.config import TORCHVISION_MASKRCNN_R50_FPN
 from engine.model import ArchitectureSpec
 from tiny import tiny_state_dict
-from weights import CheckpointError, LoadedCheckpoint, build_model
+from engine.loading import build_model
+from weights import Checkpoint, CheckpointError
 from weights import mmdetection as mm
 
 #: the engine's behaviour is irrelevant here; only the structure (and background last) matters
@@ -320,7 +321,7 @@ def check_loaded(canonical, layout, state, spec):
     for c, m in expected.items():
         assert canonical[c].dtype == torch.float32
         assert torch.equal(canonical[c], state[m].float()), c
-    model = build_model(LoadedCheckpoint(canonical, spec, MM_CONFIG, "mmdetection"), config=MM_CONFIG)
+    model = build_model(Checkpoint(canonical, spec, "mmdetection"), config=MM_CONFIG)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[c], canonical[c]) for c in canonical)
     return model

@@ -1,10 +1,15 @@
-"""Checkpoint loading: read a file or state dict, map it to the engine's layout, build the network.
+"""Checkpoint reading: a file or state dict in, the engine's canonical tensors and what the file says out.
 
 Families read so far: torchvision (``maskrcnn_resnet50_fpn`` v1 and v2 layouts, basic-block
-ResNet-18/34, bottleneck ResNet / ResNeXt of any depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``) and mmdetection (2.x / 3.x ``.pth``).
-The family is detected from the checkpoint's keys, or forced with ``family=``; each maps onto the
-same canonical names and comes with its configuration preset. matterport's Keras ``.h5`` files
-(:mod:`weights.matterport`, needs h5py) come with the matterport preset.
+ResNet-18/34, bottleneck ResNet / ResNeXt of any depth), Detectron2 (model-zoo ``.pkl`` and ``.pth``),
+mmdetection (2.x / 3.x ``.pth``) and matterport's Keras ``.h5`` files (:mod:`weights.matterport`,
+needs h5py). The family is detected from the checkpoint's keys, or forced with ``family=``; each maps
+onto the same canonical names (:mod:`weights.spec`).
+
+This package is a leaf of the import map: it imports nothing from :mod:`engine`. It does not know
+the engine's configuration; :func:`load_checkpoint` reports what the file itself states (batch-norm
+eps, stride placement, pixel statistics, class names) and :mod:`engine.loading` turns that into the
+family's preset and builds the network.
 """
 
 from __future__ import annotations
@@ -17,29 +22,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.config import (
-    DETECTRON2_MASK_RCNN_R50_FPN,
-    MATTERPORT_MASK_RCNN_FPN,
-    MMDET_MASK_RCNN_R50_FPN,
-    TORCHVISION_MASKRCNN_R50_FPN,
-    TORCHVISION_MASKRCNN_R50_FPN_V2,
-    MaskRCNNConfig,
-)
-from engine.model import ArchitectureSpec, MaskRCNN
 from weights import detectron2 as d2_format
 from weights import matterport as mp_format
 from weights import mmdetection as mm_format
 from weights import torchvision as tv_format
 from weights.errors import CheckpointError, format_list
+from weights.spec import ArchitectureSpec
 
 __all__ = [
     "FAMILIES",
+    "ArchitectureSpec",
+    "Checkpoint",
     "CheckpointError",
-    "LoadedCheckpoint",
     "read_state_dict",
     "detect_family",
     "load_checkpoint",
-    "build_model",
 ]
 
 FAMILIES = ("torchvision", "detectron2", "mmdetection", "matterport")
@@ -53,20 +50,35 @@ _FAMILY_PREFIXES = {
 
 
 @dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A checkpoint in the engine's canonical layout.
+class Checkpoint:
+    """A checkpoint in the engine's canonical layout, and what the file says about how it runs.
 
     Attributes:
         state_dict: float32 tensors under the engine's parameter names.
         spec: network sizes read from the tensors' shapes.
-        config: the family's preset, with the batch-norm eps read from the file.
-        family: checkpoint family name ("torchvision").
+        family: checkpoint family name ("torchvision", "detectron2", "mmdetection", "matterport").
+        bn_eps: batch-norm eps the file implies (torchvision: 0 without ``num_batches_tracked``,
+            1e-5 with it; Detectron2 and mmdetection: 1e-5); None: the family preset's.
+        stride_in_1x1: where the bottleneck stride sits (Detectron2's zoo convention, mmdetection's
+            ``style``); None: the preset's.
+        channel_order: "RGB" or "BGR" as the file's config states it (mmdetection); None: the preset's.
+        pixel_mean, pixel_std: the normalisation the file stores or states (Detectron2 buffers or zoo
+            defaults, mmdetection config text); None: the preset's.
+        class_names: foreground class names the file carries (mmdetection's meta), in label order.
+        notes: the family reader's full report (:class:`weights.detectron2.Detectron2Notes`,
+            :class:`weights.mmdetection.MMDetectionNotes`), None for torchvision and matterport.
     """
 
     state_dict: dict[str, Tensor]
     spec: ArchitectureSpec
-    config: MaskRCNNConfig
     family: str
+    bn_eps: float | None = None
+    stride_in_1x1: bool | None = None
+    channel_order: str | None = None
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
+    class_names: tuple[str, ...] | None = None
+    notes: object = None
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -147,12 +159,16 @@ def detect_family(raw: Mapping) -> str:
     )
 
 
-def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family: str | None = None) -> LoadedCheckpoint:
-    """Read a checkpoint and convert it to the engine's layout.
+def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family: str | None = None) -> Checkpoint:
+    """Read a checkpoint and convert it to the engine's canonical layout.
 
     Args:
         source: a file path or an in-memory state dict / container (not modified).
         family: "torchvision", "detectron2", "mmdetection" or "matterport"; None detects it from the keys.
+
+    Returns:
+        The canonical tensors, the sizes read from their shapes, the family and what the file states
+        about its behaviour; :func:`engine.loading.checkpoint_config` makes the configuration from it.
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} or None; got {family!r}")
@@ -160,56 +176,33 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family:
     family = family or detect_family(raw)
     if family == "matterport":
         canonical, spec = mp_format.convert(raw)
-        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=MATTERPORT_MASK_RCNN_FPN, family="matterport")
+        return Checkpoint(state_dict=canonical, spec=spec, family="matterport")
     if family == "detectron2":
         canonical, spec, notes = d2_format.convert(d2_format.read_detectron2(raw))
-        config = DETECTRON2_MASK_RCNN_R50_FPN.replace(
+        return Checkpoint(
+            state_dict=canonical,
+            spec=spec,
+            family="detectron2",
             bn_eps=notes.bn_eps,
             stride_in_1x1=notes.stride_in_1x1,
             pixel_mean=tuple(notes.pixel_mean),
             pixel_std=tuple(notes.pixel_std),
+            notes=notes,
         )
-        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="detectron2")
     if family == "mmdetection":
         canonical, spec, notes = mm_format.convert(raw)
-        config = MMDET_MASK_RCNN_R50_FPN.replace(
+        return Checkpoint(
+            state_dict=canonical,
+            spec=spec,
+            family="mmdetection",
             bn_eps=notes.bn_eps,
             stride_in_1x1=notes.stride_in_1x1,
             channel_order=notes.channel_order,
             pixel_mean=tuple(notes.pixel_mean),
             pixel_std=tuple(notes.pixel_std),
+            class_names=notes.class_names,
+            notes=notes,
         )
-        return LoadedCheckpoint(state_dict=canonical, spec=spec, config=config, family="mmdetection")
     state = read_state_dict(raw)
     canonical, spec, eps = tv_format.convert(state)
-    preset = TORCHVISION_MASKRCNN_R50_FPN_V2 if spec.fpn_norm else TORCHVISION_MASKRCNN_R50_FPN
-    return LoadedCheckpoint(state_dict=canonical, spec=spec, config=preset.replace(bn_eps=eps), family="torchvision")
-
-
-def build_model(checkpoint: LoadedCheckpoint, *, config: MaskRCNNConfig, precision: str = "fp32") -> MaskRCNN:
-    """Instantiate the network and load the checkpoint's tensors into it, strictly.
-
-    Raises:
-        CheckpointError: listing missing, unexpected and wrongly shaped tensors.
-    """
-    model = MaskRCNN(spec=checkpoint.spec, config=config, precision=precision)
-    expected = model.state_dict()
-    given = checkpoint.state_dict
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [
-        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in expected
-        if k in given and given[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(format_list("missing", missing))
-    if unexpected:
-        problems.append(format_list("unexpected", unexpected))
-    if misshaped:
-        problems.append(format_list("wrong shape", misshaped))
-    if problems:
-        raise CheckpointError(f"{checkpoint.family} checkpoint does not fit the network: " + "; ".join(problems))
-    model.load_state_dict(given, strict=True)
-    return model.eval().requires_grad_(False)
+    return Checkpoint(state_dict=canonical, spec=spec, family="torchvision", bn_eps=eps)

@@ -63,9 +63,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.model import ArchitectureSpec
 from weights import layout
 from weights.errors import CheckpointError, format_list
+from weights.spec import ArchitectureSpec
 
 __all__ = [
     "BN_EPS",
@@ -437,7 +437,7 @@ _REVERSE = (
 
 
 _LAYOUT = layout.FamilyLayout(
-    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, bn_eps=BN_EPS, stage_prefix=lambda t: f"backbone.bottom_up.res{t + 1}"
+    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, stage_prefix=lambda t: f"backbone.bottom_up.res{t + 1}"
 )
 _count, _require, _dim = _LAYOUT.count, _LAYOUT.require, _LAYOUT.dim
 
@@ -567,7 +567,7 @@ def convert(state: Mapping) -> tuple[dict[str, Tensor], ArchitectureSpec, Detect
     params = {k: v for k, v in state.items() if not _IGNORED.search(k)}
 
     spec, pool = architecture(params)
-    shapes = layout.expected_shapes(spec, box_pool_size=pool, bn_eps=BN_EPS)
+    shapes = layout.expected_shapes(spec, box_pool_size=pool)
     names = name_map(spec, box_pool_size=pool, _shapes=shapes)
 
     # FrozenBN saved without running statistics (Detectron2 fills them with 0 and 1)

@@ -11,12 +11,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from engine.config import MaskRCNNConfig
-from engine.model import ArchitectureSpec, MaskRCNN
 from weights.errors import CheckpointError, format_list
+from weights.spec import ArchitectureSpec, canonical_shapes
 
 #: (pattern on the canonical name, builder(match, sizes) -> family name or None)
 Rules = Sequence[tuple[re.Pattern, Callable]]
@@ -38,12 +36,9 @@ def family_name(rules: Rules, canonical: str, *, box_head_convs: int, rpn_conv_d
     raise KeyError(f"no {family} name for {canonical!r}")
 
 
-def expected_shapes(spec: ArchitectureSpec, *, box_pool_size: int, bn_eps: float) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor of the engine's network for ``spec`` (built on the meta device)."""
-    config = MaskRCNNConfig(name="layout", bn_eps=bn_eps, box_pool_size=box_pool_size)
-    with torch.device("meta"):
-        model = MaskRCNN(spec=spec, config=config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def expected_shapes(spec: ArchitectureSpec, *, box_pool_size: int) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor of the engine's network for ``spec`` (:func:`weights.spec.canonical_shapes`)."""
+    return canonical_shapes(spec, box_pool_size=box_pool_size)
 
 
 def name_map(to_family: Callable[..., str], spec: ArchitectureSpec, shapes: Mapping) -> dict[str, str]:
@@ -84,7 +79,6 @@ class FamilyLayout:
         family: the family's display name ("Detectron2", "mmdetection").
         rules: canonical-name pattern -> family-name builder (:data:`Rules`).
         expected: what a complete checkpoint of the family holds, for error messages.
-        bn_eps: the family's batch-norm eps (for the shapes of the engine's network).
         stage_prefix: the key prefix of ResNet stage ``t`` = 1..4 (``backbone.layer{t}``, or
             Detectron2's ``backbone.bottom_up.res{t + 1}``).
     """
@@ -92,7 +86,6 @@ class FamilyLayout:
     family: str
     rules: Rules
     expected: str
-    bn_eps: float
     stage_prefix: Callable[[int], str]
 
     def name(self, canonical: str, *, box_head_convs: int = 0, rpn_conv_depth: int = 1) -> str:
@@ -104,7 +97,7 @@ class FamilyLayout:
     def name_map(self, spec: ArchitectureSpec, *, box_pool_size: int = 7, shapes: Mapping | None = None) -> dict[str, str]:
         """Family name -> canonical name of every tensor of a network with these sizes."""
         if shapes is None:
-            shapes = expected_shapes(spec, box_pool_size=box_pool_size, bn_eps=self.bn_eps)
+            shapes = expected_shapes(spec, box_pool_size=box_pool_size)
         return name_map(self.name, spec, shapes)
 
     def count(self, state: Mapping[str, Tensor], pattern: str) -> list[int]:

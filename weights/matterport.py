@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.model import ArchitectureSpec
 from weights.errors import CheckpointError, format_list
+from weights.spec import ArchitectureSpec
 
 FAMILY = "matterport"
 BN_EPS = 1e-3  # Keras BatchNormalization's default epsilon

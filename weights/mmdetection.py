@@ -71,9 +71,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.model import ArchitectureSpec
 from weights import layout
 from weights.errors import CheckpointError, format_list
+from weights.spec import ArchitectureSpec
 
 __all__ = [
     "BN_EPS",
@@ -404,7 +404,7 @@ _REVERSE = (
 
 
 _LAYOUT = layout.FamilyLayout(
-    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, bn_eps=BN_EPS, stage_prefix=lambda t: f"backbone.layer{t}"
+    family=FAMILY, rules=_REVERSE, expected=_EXPECTED, stage_prefix=lambda t: f"backbone.layer{t}"
 )
 _count, _require, _dim = _LAYOUT.count, _LAYOUT.require, _LAYOUT.dim
 
@@ -688,7 +688,7 @@ def convert(state) -> tuple[dict[str, Tensor], ArchitectureSpec, MMDetectionNote
     params = {k: v for k, v in tensors.items() if not _IGNORED.search(k)}
 
     spec, pool = architecture(params)
-    shapes = layout.expected_shapes(spec, box_pool_size=pool, bn_eps=BN_EPS)
+    shapes = layout.expected_shapes(spec, box_pool_size=pool)
     names = name_map(spec, box_pool_size=pool, _shapes=shapes)
 
     unmapped = [k for k in params if k not in names]

@@ -26,8 +26,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from engine.model import ArchitectureSpec
 from weights.errors import CheckpointError, require_keys
+from weights.spec import ArchitectureSpec
 
 _LEGACY_RENAMES = (
     (re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$"), r"backbone.fpn.\1.\2.0.\3"),

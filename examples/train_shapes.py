@@ -1,8 +1,9 @@
 """Train the bundled shapes model with torchvision's Mask R-CNN (used only to produce the checkpoint).
 
-    python -m weights.train_shapes --iterations 4000 --output weights/bundled/
+    python examples/train_shapes.py --iterations 2800 --threads 2 --output weights/data
 
 The project is predict-only; this script exists so that the bundled checkpoint can be rebuilt.
+It needs torchvision, which the engine itself never imports, so it lives with the other scripts.
 It trains torchvision's ``MaskRCNN`` on an endless stream of images from :mod:`weights.shapes`
 (seed ``TRAIN_SEED``; image ``k`` of iteration ``i`` is index ``i * batch + k``), from random
 initialisation (no pretrained weights can be downloaded where this project is built):
@@ -25,6 +26,7 @@ import hashlib
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from weights.shapes import CLASS_NAMES, DEFAULT_SPEC, TRAIN_SEED, generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from weights.shapes import CLASS_NAMES, DEFAULT_SPEC, TRAIN_SEED, generate  # noqa: E402
 
 FPN_CHANNELS = 128
 REPRESENTATION_SIZE = 512
@@ -114,7 +118,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, default=Path("weights/bundled"))
+    parser.add_argument("--output", type=Path, default=Path("weights/data"))
     parser.add_argument("--resume", type=Path, default=None, help="a training state written by this script")
     args = parser.parse_args()
     if args.threads:
@@ -175,7 +179,7 @@ def main() -> None:
         "min_size": MIN_SIZE,
         "max_size": MAX_SIZE,
         "training": {
-            "command": f"python -m weights.train_shapes --iterations {args.iterations} --batch {args.batch} --lr {args.lr}",
+            "command": f"python examples/train_shapes.py --iterations {args.iterations} --batch {args.batch} --lr {args.lr}",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "iterations": args.iterations,
             "batch": args.batch,

@@ -11,6 +11,7 @@ The steps are kept apart, as in torchvision and Detectron2: :meth:`Predictor.pre
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from engine.backbone import fold_frozen_batch_norms
 from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.inputs import as_rgb_uint8_images
+from engine.model import CPU_PRECISION_NEEDS, cpu_has_fast_kernels
 from engine.loading import build_model, checkpoint_config, load_checkpoint
 from engine.postprocess import MASK_FORMATS, padded_to_original_frame
 from engine.preprocess import ImageBatch, preprocess
@@ -65,7 +67,9 @@ class Predictor:
         device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
             on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
         precision: "fp32" (default; exact parity with the checkpoint's framework), or "bf16" /
-            "fp16" (fast mode): backbone, FPN and heads in reduced precision, channels-last on CUDA;
+            "fp16" (fast mode): backbone, FPN and heads in reduced precision, channels-last, batch
+            norms folded into the convolutions; on a CPU without oneDNN kernels for it
+            (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16) a warning, and fp32;
             box decoding, NMS and the kernels stay float32.
         config: full configuration; by default the checkpoint family's preset (torchvision
             ``maskrcnn_resnet50_fpn``, batch-norm eps read from the file).
@@ -105,6 +109,14 @@ class Predictor:
             raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True captures CUDA graphs and needs device='cuda'; got device={str(self.device)!r}")
+        if precision in CPU_PRECISION_NEEDS and self.device.type == "cpu" and not cpu_has_fast_kernels(precision):
+            warnings.warn(
+                f"precision={precision!r}: this CPU has no oneDNN {precision} kernels (they need "
+                f"{CPU_PRECISION_NEEDS[precision]}), where {precision} runs far slower than fp32; running fp32 instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            precision = "fp32"
         checkpoint = load_checkpoint(weights, family=family)
         config = checkpoint_config(checkpoint) if config is None else config
         overrides = {

@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine import Predictor  # noqa: E402
+from engine.model import cpu_has_fast_kernels  # noqa: E402
 from engine.postprocess import to_original_frame  # noqa: E402
-from engine.model import image_windows  # noqa: E402
 from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
@@ -75,14 +75,6 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", 
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,7 +152,7 @@ def bench_job(args, device) -> dict:
     import tempfile
 
     from engine.batch_job import JobOptions, collect_inputs, decode_image, run_job
-    from weights.bundled import shapes_model, shapes_predictor
+    from engine.bundled import shapes_model, shapes_predictor
 
     names = list(shapes_model().class_names)
     work = Path(tempfile.mkdtemp(prefix="bench-job-"))
@@ -380,7 +372,7 @@ def bench_stages(args, state, device, *, precision: str | None = None, config=No
                 image_sizes=batch.image_sizes,
                 original_sizes=batch.original_sizes,
                 config=model.config,
-                windows=image_windows(batch, model.config),
+                windows=batch.windows,
             )
             mark()
         if record:
@@ -418,7 +410,7 @@ def bench_profile(args, state, device) -> list[dict]:
         if args.config is not None:  # --smoke: the small sizes
             config = config.replace(min_size=args.config.min_size, max_size=args.config.max_size)
         for precision in args.profile_precisions:
-            if precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
+            if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_kernels("bf16"):
                 rows.append({"preset": name, "precision": precision, "skipped": "no oneDNN bf16 kernels on this CPU"})
                 continue
             rows.append(bench_stages(args, state, device, precision=precision, config=config))
@@ -512,7 +504,7 @@ def _engine_variants(path: Path, device, args) -> dict:
     variants = {"engine fp32": Predictor(path, device=device, config=config)}
     if device.type == "cpu":
         variants["engine fp32, channels_last"] = Predictor(path, device=device, config=config.replace(cpu_memory_format="channels_last"))
-    if device.type == "cuda" or _cpu_has_fast_bf16():
+    if device.type == "cuda" or cpu_has_fast_kernels("bf16"):
         variants[f"engine {args.fast_precision}"] = Predictor(path, device=device, config=config, precision=args.fast_precision)
     return variants
 
@@ -590,7 +582,7 @@ def bench_scaling(args, state, device) -> dict:
     from engine.config import TORCHVISION_MASKRCNN_R50_FPN
 
     base = args.config or TORCHVISION_MASKRCNN_R50_FPN
-    precisions = ["fp32"] + ([args.fast_precision] if device.type == "cuda" or _cpu_has_fast_bf16() else [])
+    precisions = ["fp32"] + ([args.fast_precision] if device.type == "cuda" or cpu_has_fast_kernels("bf16") else [])
     out = {"batch": [], "size": [], "threads": [], "padding": []}
 
     def timed(fn):
@@ -760,7 +752,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_bf16_kernels": _cpu_has_fast_bf16() if device.type == "cpu" else None,
+        "cpu_bf16_kernels": cpu_has_fast_kernels("bf16") if device.type == "cpu" else None,
     }
 
 
@@ -897,7 +889,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     bf16_rows = "end_to_end" in args.sections
-    if bf16_rows and device.type == "cpu" and args.fast_precision == "bf16" and not _cpu_has_fast_bf16():
+    if bf16_rows and device.type == "cpu" and args.fast_precision == "bf16" and not cpu_has_fast_kernels("bf16"):
         print(
             "warning: this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): the engine bf16 rows run "
             "bf16 convolutions on a reference path and take far longer than fp32",

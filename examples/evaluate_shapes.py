@@ -1,6 +1,7 @@
 """Score the bundled shapes model on held-out generated images: engine and torchvision, with pycocotools.
 
     python examples/evaluate_shapes.py --count 200 [--device cuda] [--json report.json]
+    python examples/evaluate_shapes.py --count 200 --no-torchvision --precisions fp32 bf16   # the fast mode's AP
 
 The images come from :mod:`weights.shapes` with ``HELD_OUT_SEED`` (training used ``TRAIN_SEED``).
 The same fp16-stored weights, upcast to float32, run twice: through the engine (``Predictor``) and
@@ -80,14 +81,20 @@ def torchvision_results(model, images, *, batch_size: int = 4, mask_threshold: f
     return results
 
 
-def evaluate(count: int, *, device: str = "cpu", seed: int = HELD_OUT_SEED, with_torchvision: bool = True) -> dict:
-    """{"engine": {"bbox": {...}, "segm": {...}, "seconds": t}, "torchvision": {...}, "images": count}."""
+def evaluate(
+    count: int, *, device: str = "cpu", seed: int = HELD_OUT_SEED, with_torchvision: bool = True,
+    precisions: tuple[str, ...] = ("fp32",),
+) -> dict:
+    """{"engine": {"bbox": {...}, "segm": {...}, "seconds": t}, "torchvision": {...}, "images": count};
+    a precision other than fp32 is reported under "engine bf16" / "engine fp16"."""
     images, coco_gt = ground_truth(seed, count)
     ids = list(range(1, count + 1))
     report: dict = {"images": count, "seed": seed, "device": device}
-    start = time.perf_counter()
-    ours = engine_results(shapes_predictor(device=device), images)
-    report["engine"] = {**coco_evaluate(coco_gt, ours, ids), "seconds": time.perf_counter() - start}
+    for precision in precisions:
+        start = time.perf_counter()
+        ours = engine_results(shapes_predictor(device=device, precision=precision), images)
+        key = "engine" if precision == "fp32" else f"engine {precision}"
+        report[key] = {**coco_evaluate(coco_gt, ours, ids), "seconds": time.perf_counter() - start}
     if with_torchvision:
         start = time.perf_counter()
         theirs = torchvision_results(torchvision_model(torch.device(device)), images)
@@ -101,10 +108,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-torchvision", action="store_true", help="score the engine only")
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                    help="engine precisions to score (default: fp32); each other one is compared with fp32 when both run")
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
-    report = evaluate(args.count, device=args.device, seed=args.seed, with_torchvision=not args.no_torchvision)
-    for who in ("engine", "torchvision"):
+    report = evaluate(args.count, device=args.device, seed=args.seed, with_torchvision=not args.no_torchvision,
+                      precisions=tuple(args.precisions))
+    for who in ("engine", *(f"engine {p}" for p in args.precisions if p != "fp32"), "torchvision"):
         if who in report:
             r = report[who]
             print(
@@ -115,6 +125,11 @@ def main(argv=None) -> int:
         for kind in ("bbox", "segm"):
             diff = report["engine"][kind]["AP"] - report["torchvision"][kind]["AP"]
             print(f"engine - torchvision {kind} AP: {diff:+.4f}")
+    for precision in args.precisions:
+        if precision != "fp32" and "engine" in report:
+            for kind in ("bbox", "segm"):
+                diff = report[f"engine {precision}"][kind]["AP"] - report["engine"][kind]["AP"]
+                print(f"engine {precision} - engine fp32 {kind} AP: {diff:+.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.model import cpu_has_fast_kernels
+
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,7 @@ def _load_benchmark():
 # oneDNN has bf16 kernels only on CPUs with AVX512-BF16 or AMX; elsewhere a bf16 convolution takes a
 # reference path (seen on a 2-core AVX2 EPYC: 70 s for one 256-channel 3x3 conv at 2x64x64, against
 # 0.17 s in fp32), and a smoke run's bf16 rows would take over an hour.
-FAST_BF16 = _load_benchmark()._cpu_has_fast_bf16()
+FAST_BF16 = cpu_has_fast_kernels("bf16")
 
 
 @pytest.mark.skipif(not FAST_BF16, reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 / AMX): "

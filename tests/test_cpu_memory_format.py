@@ -9,6 +9,7 @@ import torch
 from checkpoints import photographs
 from engine import Predictor
 from engine.config import PRESETS
+from engine.model import cpu_has_fast_kernels
 from tiny import TINY_CONFIG, tiny_state_dict
 
 
@@ -51,6 +52,8 @@ def test_channels_last_runs_channels_last_and_agrees_with_nchw():
 
 def test_reduced_precision_runs_channels_last_on_the_cpu():
     """bf16 is no parity mode, and oneDNN's bf16 kernels want channels-last: whatever the config says."""
+    if not cpu_has_fast_kernels("bf16"):
+        pytest.skip("no oneDNN bf16 kernels on this CPU: the predictor falls back to fp32")
     fast = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, precision="bf16")
     assert TINY_CONFIG.cpu_memory_format == "contiguous" and fast.model.channels_last(torch.device("cpu"))
     assert fast.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)

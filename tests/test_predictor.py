@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import Predictor
+from engine.model import cpu_has_fast_kernels
 from tiny import TINY_CONFIG, tiny_state_dict
 
 
@@ -103,6 +104,8 @@ def test_bad_device():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_mode(precision):
     """Fast mode runs the network in reduced precision; its features stay close to fp32's."""
+    if not cpu_has_fast_kernels(precision):
+        pytest.skip(f"no oneDNN {precision} kernels on this CPU: the predictor falls back to fp32")
     images = [image(60, 80), image(47, 33, 1)]
     exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
     fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision=precision)
@@ -115,6 +118,40 @@ def test_reduced_precision_mode(precision):
         assert (b.float() - a).abs().max() <= 0.05 * a.abs().max() + 1e-3
     for r, im in zip(fast.run(images), images):
         check_result(r, im.shape[:2])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_without_cpu_kernels_warns_and_runs_fp32(precision, monkeypatch):
+    import engine.predictor
+
+    monkeypatch.setattr(engine.predictor, "cpu_has_fast_kernels", lambda p: p == "fp32")
+    with pytest.warns(RuntimeWarning, match=f"no oneDNN {precision} kernels.*running fp32 instead"):
+        fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision=precision)
+    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    assert fast.model.precision == "fp32"
+    images = [image(60, 80)]
+    (a,), (b,) = exact.run(images), fast.run(images)
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+def test_batch_norms_fold_into_convolutions_in_reduced_precision():
+    """bf16 / fp16 fold every frozen batch norm into the convolution before it; in float32 the
+    folded network gives the unfolded one's features up to rounding."""
+    from engine.backbone import FrozenBatchNorm2d, fold_frozen_batch_norms
+
+    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    folded = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    norms = [m for m in folded.model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert fold_frozen_batch_norms(folded.model) == len(norms) > 0
+    assert all(m.folded for m in norms) and fold_frozen_batch_norms(folded.model) == 0
+    batch = exact.preprocess([image(60, 80), image(47, 33, 1)])
+    with torch.inference_mode():
+        for a, b in zip(exact.model.features(batch), folded.model.features(batch)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    if cpu_has_fast_kernels("bf16"):
+        fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision="bf16")
+        assert all(m.folded for m in fast.model.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert not any(m.folded for m in exact.model.modules() if isinstance(m, FrozenBatchNorm2d))
 
 
 def test_unknown_precision():

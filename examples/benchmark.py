@@ -538,6 +538,14 @@ def bench_peers(args, device) -> list[dict]:
     return rows
 
 
+def _agreement_cells(agree: dict | None) -> tuple[str, str]:
+    """The "matched" and "mask IoU" cells of a row's :func:`agreement` ("-" where there is none)."""
+    if not agree:
+        return "-", "-"
+    mask_iou = agree["mean_mask_iou"]
+    return f"{agree['matched_fraction']:.3f}", "-" if mask_iou is None else f"{mask_iou:.3f}"
+
+
 def peers_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "Peers side by side, each on its own checkpoint (engine loaded from the same file), the same photographs, alternating rounds:",
@@ -549,9 +557,7 @@ def peers_markdown(rows: list[dict]) -> list[str]:
         if "skipped" in r:
             lines.append(f"| {r['peer']} | skipped: {r['skipped']} | | | | | | |")
             continue
-        agree = r.get("agreement")
-        matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
-        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree and agree["mean_mask_iou"] is not None else "-"
+        matched, mask_iou = _agreement_cells(r.get("agreement"))
         lines.append(
             f"| {r['peer']} | {r['system']} | {r['batch']} | {r['median_s']:.2f} | {r['p25_s']:.2f}-{r['p75_s']:.2f} "
             f"| {r['speed_vs_peer']:.2f}x | {matched} | {mask_iou} |"
@@ -826,9 +832,7 @@ def end_to_end_markdown(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        agree = r.get("agreement")
-        matched = f"{agree['matched_fraction']:.3f}" if agree else "-"
-        mask_iou = f"{agree['mean_mask_iou']:.3f}" if agree and agree["mean_mask_iou"] is not None else "-"
+        matched, mask_iou = _agreement_cells(r.get("agreement"))
         lines.append(
             f"| {r['batch']} | {r['system']} | {r['items_per_s']:.2f} | {r['items_per_s_p25']:.2f}-{r['items_per_s_p75']:.2f} "
             f"| {r['ratio_vs_torchvision']:.2f}x | {_mib(r['peak_memory_bytes'])} | {matched} | {mask_iou} |"

@@ -30,6 +30,7 @@ STEM_POOLS = ("torch", "tf_same")
 RESIZE_MODES = ("shortest_edge", "square")
 BOX_FRAMES = ("pixels", "normalized")
 RPN_SELECTIONS = ("per_level", "global")
+BATCH_PADDINGS = ("together", "by_size")
 ROI_MODES = ("roi_align", "crop_and_resize")
 DETECTION_RULES = ("per_class", "argmax")
 BOX_OUTPUTS = ("float", "integer")
@@ -59,6 +60,14 @@ class MaskRCNNConfig:
             "antialias_uint8" (Detectron2: PIL BILINEAR), "cv2_linear" (mmdet: cv2 INTER_LINEAR) or
             "skimage_uint8" (matterport: skimage order-1 resize, truncated); see engine/preprocess.py.
         size_divisibility: the batch is zero-padded bottom/right to a multiple of this.
+        batch_padding: how ``Predictor.run`` pads a list of mixed sizes. "together": one batch
+            padded to the largest image (torchvision's and Detectron2's batched call). "by_size":
+            the images are grouped by the padded size each has alone, and each group runs as one
+            batch, so every image gets the input tensor it has alone, as in mmdetection's
+            ``inference_detector``, which runs a list one image per call (mmdet/apis/inference.py).
+            The results are then each image's own, bit for bit where the CPU's convolutions do not
+            depend on the batch size (so on the mmdetection R50, tests/test_mmdetection_parity.py).
+            It also skips the padding's work (figures in BENCHMARKS.md).
         resize_mode: "shortest_edge" (the rule above, bottom/right padding) or "square" (matterport's
             ``resize_image(mode="square")``: ``scale = max(1, min_size / short)``, reduced to
             ``max_size / long`` when ``round(long * scale) > max_size``, sides ``round(side * scale)``
@@ -78,6 +87,11 @@ class MaskRCNNConfig:
             function, other float32 roundings: against torchvision, R50 scores moved by up to 5e-5
             but a ResNet-101 broke the parity tolerance of 1e-4, hence not the default.
             bf16 / fp16 run channels-last on every device, whatever this says; CUDA fp32 runs NCHW.
+        fold_batch_norms: fold each frozen batch norm into the convolution before it when the model
+            loads (:func:`engine.backbone.fold_frozen_batch_norms`): an opt-in fp32 speed mode, on
+            every device. Same function, other float32 roundings (the scale multiplies the weights,
+            not the outputs), hence off in every preset; see BENCHMARKS.md for how far each parity
+            case moves. bf16 / fp16 always fold, whatever this says.
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
         stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
             (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).
@@ -174,11 +188,13 @@ class MaskRCNNConfig:
     resize_rounding: str = "floor"
     resize_method: str = "torch_bilinear"
     size_divisibility: int = 32
+    batch_padding: str = "together"
     resize_mode: str = "shortest_edge"
     # backbone
     bn_eps: float = 0.0
     bn_arithmetic: str = "scale_shift"
     cpu_memory_format: str = "contiguous"
+    fold_batch_norms: bool = False
     tie_order: str = "stable"
     nms_group_offsets: bool = False
     stride_in_1x1: bool = False
@@ -232,6 +248,9 @@ class MaskRCNNConfig:
         _one_of("resize_method", self.resize_method, _RESIZE_METHODS)
         _one_of("bn_arithmetic", self.bn_arithmetic, ("scale_shift", "batch_norm"))
         _one_of("cpu_memory_format", self.cpu_memory_format, ("channels_last", "contiguous"))
+        _one_of("batch_padding", self.batch_padding, BATCH_PADDINGS)
+        if not isinstance(self.fold_batch_norms, bool):
+            raise TypeError(f"fold_batch_norms must be True or False; got {self.fold_batch_norms!r}")
         _one_of("tie_order", self.tie_order, ("stable", "torch_sort"))
         if self.normalize_before_resize and self.resize_method != "torch_bilinear":
             raise ValueError(
@@ -338,6 +357,7 @@ DETECTRON2_MASK_RCNN_R50_FPN = MaskRCNNConfig(
 #: mmdetection 2.x / 3.x ``mask-rcnn_r50_fpn_1x_coco``: section C of the reference notes.
 MMDET_MASK_RCNN_R50_FPN = MaskRCNNConfig(
     name="mmdet_mask_rcnn_r50_fpn",
+    batch_padding="by_size",
     bn_arithmetic="batch_norm",
     tie_order="torch_sort",
     nms_group_offsets=True,

@@ -22,7 +22,7 @@ from engine.config import (
 )
 from engine.model import MaskRCNN
 from weights import FAMILIES, Checkpoint, CheckpointError, load_checkpoint
-from weights.errors import format_list
+from weights.errors import format_lists
 from weights.spec import ArchitectureSpec
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "family_preset", "checkpoint_config", "build_model"]
@@ -75,13 +75,7 @@ def build_model(checkpoint: Checkpoint, *, config: MaskRCNNConfig, precision: st
         for k in expected
         if k in given and given[k].shape != expected[k].shape
     ]
-    problems = []
-    if missing:
-        problems.append(format_list("missing", missing))
-    if unexpected:
-        problems.append(format_list("unexpected", unexpected))
-    if misshaped:
-        problems.append(format_list("wrong shape", misshaped))
+    problems = format_lists(("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
     if problems:
         raise CheckpointError(f"{checkpoint.family} checkpoint does not fit the network: " + "; ".join(problems))
     model.load_state_dict(given, strict=True)

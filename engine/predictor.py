@@ -25,7 +25,7 @@ from engine.inputs import as_rgb_uint8_images
 from engine.model import CPU_PRECISION_NEEDS, cpu_has_fast_kernels
 from engine.loading import build_model, checkpoint_config, load_checkpoint
 from engine.postprocess import MASK_FORMATS, padded_to_original_frame
-from engine.preprocess import ImageBatch, preprocess
+from engine.preprocess import ImageBatch, preprocess, resized_canvas
 from engine.results import Detections
 
 
@@ -54,6 +54,15 @@ def validate_images(images) -> list[np.ndarray]:
     TypeError/ValueError naming the image otherwise.
     """
     return as_rgb_uint8_images(images)
+
+
+def padded_size_groups(images: Sequence[np.ndarray], config) -> list[list[int]]:
+    """Indices of ``images`` ([H, W, 3] arrays) grouped by the padded size each has alone under
+    ``config`` (:func:`engine.preprocess.resized_canvas`), groups in order of their first image."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(resized_canvas(image.shape[:2], config), []).append(i)
+    return list(groups.values())
 
 
 class Predictor:
@@ -129,7 +138,7 @@ class Predictor:
         self.config = config.replace(**changes) if changes else config
         self.family = checkpoint.family
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
-        if precision != "fp32":  # no parity mode: the norms go into the convolutions
+        if precision != "fp32" or self.config.fold_batch_norms:  # other roundings: no parity default
             fold_frozen_batch_norms(self.model)
         # on the CPU a host read costs nothing and cutting the padding saves the heads' work
         self.model.trim_padding = self.device.type != "cuda"
@@ -156,14 +165,15 @@ class Predictor:
         Args:
             images: one image or a list of images of any sizes, as uint8 numpy arrays [H, W, 3] in
                 RGB order, or any form :func:`engine.inputs.as_rgb_uint8_images` converts (grayscale,
-                RGBA, CHW tensors, uint16 or float pixels). They go through the backbone as one padded
-                batch. Not modified.
+                RGBA, CHW tensors, uint16 or float pixels). Not modified. They go through the
+                backbone as one padded batch, or with ``config.batch_padding="by_size"`` (the
+                mmdetection preset) as one batch per padded size, each image then padded as alone.
 
         Returns:
             One :class:`engine.results.Detections` per image (tensors on the predictor's device),
             in the order given; ``[]`` for an empty list.
 
-        Host reads of device data: on CUDA exactly one, whatever the batch size and family:
+        Host reads of device data: on CUDA exactly one per padded batch, whatever its size and family:
         the detections per image, read right before the masks are pasted so that they can be
         allocated at their real size (:func:`engine.postprocess.padded_to_original_frame`).
         Everything before it stays in fixed-size padded tensors with counts on the device. On
@@ -172,6 +182,17 @@ class Predictor:
         for every preset.
         """
         images = validate_images(images)
+        groups = [list(range(len(images)))] if self.config.batch_padding == "together" else padded_size_groups(images, self.config)
+        if len(groups) == 1:
+            return self._run_padded_batch(images)
+        results = [None] * len(images)
+        for group in groups:
+            for i, detections in zip(group, self._run_padded_batch([images[i] for i in group])):
+                results[i] = detections
+        return results
+
+    def _run_padded_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        """:meth:`run` on validated images, as one padded batch."""
         if not images:
             return []
         batch = preprocess(images, config=self.config, device=self.device)

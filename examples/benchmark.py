@@ -59,6 +59,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine import Predictor  # noqa: E402
 from engine.model import cpu_has_fast_kernels  # noqa: E402
 from engine.postprocess import to_original_frame  # noqa: E402
+from engine.predictor import padded_size_groups  # noqa: E402
 from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
@@ -495,15 +496,18 @@ PEERS = {"torchvision": _torchvision_peer, "mmdetection": _mmdetection_peer}
 
 
 def _engine_variants(path: Path, device, args) -> dict:
-    """The engine on a peer's file: fp32 as loaded (the parity default), fp32 channels-last on the
-    CPU (the opt-in layout), and the fast mode where it has fast kernels."""
+    """The engine on a peer's file: fp32 as loaded (the parity default), on the CPU the opt-in fp32
+    speed modes (channels-last, and channels-last with the norms folded), and the fast mode where
+    it has fast kernels."""
     loaded = Predictor(path, device=device)
     config = loaded.config
     if args.config is not None:
         config = config.replace(min_size=args.config.min_size, max_size=args.config.max_size)
     variants = {"engine fp32": Predictor(path, device=device, config=config)}
     if device.type == "cpu":
-        variants["engine fp32, channels_last"] = Predictor(path, device=device, config=config.replace(cpu_memory_format="channels_last"))
+        fast_layout = config.replace(cpu_memory_format="channels_last")
+        variants["engine fp32, channels_last"] = Predictor(path, device=device, config=fast_layout)
+        variants["engine fp32, channels_last + folded"] = Predictor(path, device=device, config=fast_layout.replace(fold_batch_norms=True))
     if device.type == "cuda" or cpu_has_fast_kernels("bf16"):
         variants[f"engine {args.fast_precision}"] = Predictor(path, device=device, config=config, precision=args.fast_precision)
     return variants
@@ -572,14 +576,6 @@ def _padded_fraction(predictor, images) -> float:
     return 1.0 - sum(ih * iw for ih, iw in batch.image_sizes) / (len(images) * h * w)
 
 
-def _size_buckets(predictor, images) -> list[list[int]]:
-    """Image indices grouped by the padded size each image would have alone."""
-    groups: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(predictor.preprocess([im]).tensor.shape[-2:]), []).append(i)
-    return list(groups.values())
-
-
 def bench_scaling(args, state, device) -> dict:
     """How the engine's time grows with the batch size, with the image size (the preset's
     min_size / max_size scaled together), with the torch threads on the CPU, and what a mixed
@@ -607,7 +603,7 @@ def bench_scaling(args, state, device) -> dict:
             res = timed(lambda: sized.run(images))
             out["size"].append({"precision": precision, "min_size": config.min_size, "max_size": config.max_size,
                                 "batch": len(images), "median_s": res["median_s"], "images_per_s": len(images) / res["median_s"]})
-        buckets = _size_buckets(predictor, images)
+        buckets = padded_size_groups(images, predictor.config)
         ways = {
             "one padded batch": lambda: predictor.run(images),
             f"one batch per padded size ({len(buckets)})": lambda: [predictor.run([images[i] for i in b]) for b in buckets],

@@ -101,7 +101,7 @@ def test_benchmark_peers_and_scaling_sections_smoke(tmp_path):
         if "skipped" in rows[0]:
             assert peer == "mmdetection" and importlib.util.find_spec("mmdet") is None
             continue
-        assert [r["system"] for r in rows] == [f"{peer} fp32", "engine fp32", "engine fp32, channels_last", *bf16]
+        assert [r["system"] for r in rows] == [f"{peer} fp32", "engine fp32", "engine fp32, channels_last", "engine fp32, channels_last + folded", *bf16]
         assert all(r["median_s"] > 0 and r["batch"] == 1 for r in rows) and rows[0]["speed_vs_peer"] == 1.0
         assert rows[1]["agreement"]["matched_fraction"] == 1.0  # the fp32 default is parity with the peer
     scaling = report["scaling"]

@@ -21,8 +21,10 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
-def test_every_preset_defaults_to_nchw():
+def test_every_preset_defaults_to_the_frameworks_arithmetic():
+    """NCHW convolutions and unfolded norms: the opt-in fp32 speed modes change roundings."""
     assert {name: p.cpu_memory_format for name, p in PRESETS.items()} == dict.fromkeys(PRESETS, "contiguous")
+    assert {name: p.fold_batch_norms for name, p in PRESETS.items()} == dict.fromkeys(PRESETS, False)
 
 
 def test_channels_last_runs_channels_last_and_agrees_with_nchw():

@@ -21,6 +21,7 @@ from tiny import tiny_state_dict
 
 from engine import Predictor
 from engine.config import PRESETS
+from engine.predictor import padded_size_groups
 
 OPAQUE = {
     "engine.model.multilevel_roi_align": "roi_align",
@@ -42,7 +43,8 @@ def _images(count: int) -> list[np.ndarray]:
 
 
 def _predictor(preset: str, precision: str) -> Predictor:
-    config = PRESETS[preset].replace(min_size=96, max_size=160, score_threshold=0.0)
+    # one padded batch for every preset ("by_size" runs a batch, and reads once, per padded size)
+    config = PRESETS[preset].replace(min_size=96, max_size=160, score_threshold=0.0, batch_padding="together")
     if preset == "matterport_mask_rcnn_fpn":
         config = config.replace(min_size=96, max_size=128, rpn_pre_nms_top_n=600, rpn_post_nms_top_n=100)
     return Predictor(tiny_state_dict(), config=config, precision=precision)
@@ -92,6 +94,19 @@ def test_launches_per_stage_do_not_grow_with_the_batch(audits):
     _, by_batch, _ = audits
     assert by_batch[1].report.launches == by_batch[3].report.launches
     assert by_batch[3].report.launches == {"roi_align": 2, "nms": 2, "paste": 1}
+
+
+def test_batch_padding_by_size_reads_once_per_padded_size():
+    """mmdetection's default pads each image as alone: one padded batch, and one read, per padded size."""
+    predictor = _predictor("mmdet_mask_rcnn_r50_fpn", "fp32")
+    predictor = Predictor(tiny_state_dict(), config=predictor.config.replace(batch_padding="by_size"))
+    predictor.model.trim_padding = False  # what a CUDA device gets
+    images = _images(3)
+    images.append(images[0][::-1].copy())  # another image of the first one's size
+    groups = padded_size_groups(images, predictor.config)
+    assert groups == [[0, 3], [1], [2]]
+    reads = _audit(predictor, images).report.reads
+    assert len(reads) == len(groups) and all(_is_allowed(r) for r in reads)
 
 
 def test_the_audit_sees_host_reads():

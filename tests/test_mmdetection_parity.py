@@ -31,6 +31,7 @@ from checkpoints import photographs  # noqa: E402
 from mmdet_models import ZOO_CONFIGS, bgr, build_model, mmdet_batch, save_checkpoint, save_checkpoint_2x  # noqa: E402
 
 from engine import Predictor  # noqa: E402
+from engine.predictor import padded_size_groups  # noqa: E402
 from engine.boxes import offset_by_group  # noqa: E402
 from engine.tie_order import batched_nms_final_keys, batched_nms_visit_keys, sort_keys  # noqa: E402
 from kernels.nms import segmented_nms_keep  # noqa: E402
@@ -118,12 +119,34 @@ def test_stage_by_stage(built, rpn_scale):
         assert_same_detections(predictor.run([image])[0], _mmdet_results(model, [image])[0], "final results")
 
 
+def _padded_together(path) -> Predictor:
+    """The engine with ``batch_padding="together"``: a list runs as one padded batch, as
+    mmdetection's ``predict`` runs a batch of its test loader."""
+    from engine.loading import checkpoint_config
+    from weights import load_checkpoint
+
+    return Predictor(path, config=checkpoint_config(load_checkpoint(path)).replace(batch_padding="together"))
+
+
+def test_mixed_sizes_run_as_inference_detector_runs_them(built):
+    """The preset's default ``batch_padding="by_size"``: a list of mixed sizes in one ``run()``
+    gives each image what mmdetection's ``inference_detector`` gives it, one image per call.
+    coffee and chelsea share a padded size, so they also run as one batch of two."""
+    _, model, path = built(R50)
+    images = photographs(("coffee", "astronaut", "chelsea"))
+    predictor = Predictor(path)
+    assert predictor.config.batch_padding == "by_size"
+    assert padded_size_groups(images, predictor.config) == [[0, 2], [1]]
+    for i, (image, ours) in enumerate(zip(images, predictor.run(images))):
+        assert_same_detections(ours, mmdet_apis.inference_detector(model, bgr(image)).pred_instances, f"image {i}")
+
+
 @pytest.mark.parametrize("rpn_scale", [0.2, 1.0], ids=["realistic-objectness", "saturated-objectness"])
 def test_batched_run_matches_one_padded_batch(built, rpn_scale):
-    """Three photographs in one ``run()`` against mmdetection's ``predict`` on one padded batch."""
+    """Three photographs in one ``run()`` padded together against mmdetection's ``predict`` on one padded batch."""
     _, model, path = built(R50, rpn_scale)
     images = photographs(("astronaut", "coffee", "chelsea"))
-    ours = Predictor(path).run(images)
+    ours = _padded_together(path).run(images)
     for i, (o, t) in enumerate(zip(ours, _mmdet_results(model, images))):
         assert_same_detections(o, t, f"image {i} of the batch")
 
@@ -161,7 +184,7 @@ def test_sync_free_path_matches_but_for_exact_ties(built):
     same score: then our box is that candidate's. (Which photographs hold such ties
     depends on the CPU's float arithmetic: on an AMX machine astronaut does, elsewhere none did.)"""
     _, model, path = built(R50, 0.2)
-    predictor = Predictor(path)
+    predictor = _padded_together(path)
     predictor.model.trim_padding = False
     images = photographs(("astronaut", "coffee"))
     candidates = _candidates(model, images)

@@ -58,6 +58,47 @@ def test_non_contiguous_input(predictor):
 
 def test_empty_list(predictor):
     assert predictor.run([]) == []
+    assert Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(batch_padding="by_size")).run([]) == []
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in ((a.boxes, b.boxes), (a.scores, b.scores), (a.labels, b.labels), (a.masks, b.masks)))
+
+
+@pytest.mark.parametrize("sizes", [[(60, 80)], [(60, 80), (97, 45), (61, 79)], [(97, 45), (60, 80), (33, 33), (96, 44)]], ids=len)
+def test_batch_padding_by_size_gives_each_image_its_result_alone(sizes):
+    """``batch_padding="by_size"``: one padded batch per padded size, results in the input order,
+    each what the image gives alone; "together" pads everything to the largest image."""
+    from engine.predictor import padded_size_groups
+
+    images = [image(h, w, i) for i, (h, w) in enumerate(sizes)]
+    by_size = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(batch_padding="by_size", score_threshold=0.0))
+    groups = padded_size_groups(images, by_size.config)
+    assert sorted(i for g in groups for i in g) == list(range(len(images)))
+    for group in groups:  # every image gets the very input tensor it gets alone
+        batch = by_size.preprocess([images[i] for i in group]).tensor
+        for row, i in enumerate(group):
+            assert torch.equal(batch[row], by_size.preprocess([images[i]]).tensor[0])
+    results = by_size.run(images)
+    assert [r.image_size for r in results] == [im.shape[:2] for im in images]
+    assert sum(len(r) for r in results) > 0
+    for im, r in zip(images, results):
+        # the same result; bit for bit only where the CPU's convolutions do not depend on the
+        # batch size (oneDNN does here at 16 channels, by ~1e-7)
+        alone = by_size.run([im])[0]
+        assert len(r) == len(alone) and torch.equal(r.labels, alone.labels)
+        torch.testing.assert_close(r.scores, alone.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r.boxes, alone.boxes, rtol=0, atol=1e-3)
+    together = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(score_threshold=0.0)).run(images)
+    if len(groups) == 1:
+        assert all(_same(a, b) for a, b in zip(together, results))
+    else:  # padding the small images to the largest changes their features
+        assert not all(_same(a, b) for a, b in zip(together, results))
+
+
+def test_bad_batch_padding_is_refused():
+    with pytest.raises(ValueError, match="batch_padding='largest' is not supported; accepted: 'together', 'by_size'"):
+        TINY_CONFIG.replace(batch_padding="largest")
 
 
 def test_zero_detections_are_well_formed():
@@ -135,15 +176,21 @@ def test_reduced_precision_without_cpu_kernels_warns_and_runs_fp32(precision, mo
 
 
 def test_batch_norms_fold_into_convolutions_in_reduced_precision():
-    """bf16 / fp16 fold every frozen batch norm into the convolution before it; in float32 the
-    folded network gives the unfolded one's features up to rounding."""
+    """bf16 / fp16 fold every frozen batch norm into the convolution before it, and fp32 does
+    where ``config.fold_batch_norms`` asks (the opt-in speed mode): the folded network gives the
+    unfolded one's features up to rounding."""
     from engine.backbone import FrozenBatchNorm2d, fold_frozen_batch_norms
 
     exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
-    folded = Predictor(tiny_state_dict(), config=TINY_CONFIG)
-    norms = [m for m in folded.model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert fold_frozen_batch_norms(folded.model) == len(norms) > 0
-    assert all(m.folded for m in norms) and fold_frozen_batch_norms(folded.model) == 0
+    by_hand = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    norms = [m for m in by_hand.model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert fold_frozen_batch_norms(by_hand.model) == len(norms) > 0
+    assert all(m.folded for m in norms) and fold_frozen_batch_norms(by_hand.model) == 0
+    folded = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(fold_batch_norms=True))
+    assert folded.model.precision == "fp32"
+    assert all(m.folded for m in folded.model.modules() if isinstance(m, FrozenBatchNorm2d))
+    for a, b in zip(by_hand.model.state_dict().values(), folded.model.state_dict().values()):
+        assert torch.equal(a, b)
     batch = exact.preprocess([image(60, 80), image(47, 33, 1)])
     with torch.inference_mode():
         for a, b in zip(exact.model.features(batch), folded.model.features(batch)):
@@ -152,6 +199,11 @@ def test_batch_norms_fold_into_convolutions_in_reduced_precision():
         fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision="bf16")
         assert all(m.folded for m in fast.model.modules() if isinstance(m, FrozenBatchNorm2d))
     assert not any(m.folded for m in exact.model.modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+def test_fold_batch_norms_must_be_a_bool():
+    with pytest.raises(TypeError, match="fold_batch_norms must be True or False; got 'yes'"):
+        TINY_CONFIG.replace(fold_batch_norms="yes")
 
 
 def test_unknown_precision():

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from weights import layout
-from weights.errors import CheckpointError, format_list
+from weights.errors import CheckpointError, format_list, format_lists
 from weights.spec import ArchitectureSpec
 
 __all__ = [
@@ -590,19 +590,14 @@ def convert(state: Mapping) -> tuple[dict[str, Tensor], ArchitectureSpec, Detect
         for d2, c in names.items()
         if d2 in params and tuple(params[d2].shape) != shapes[c]
     ]
-    problems = []
-    if unmapped:
-        problems.append(format_list("keys that fit no parameter of the network", unmapped))
-    if missing:
-        problems.append(format_list("missing keys", missing))
-        stats_only = [k for k in missing if k.endswith((".norm.running_mean", ".norm.running_var"))]
-        if stats_only:
-            problems.append(
-                "norm layers outside the backbone without running statistics are GroupNorm "
-                "(NORM: 'GN'), which the engine does not support"
-            )
-    if misshaped:
-        problems.append(format_list("wrong shape", misshaped))
+    problems = format_lists(
+        ("keys that fit no parameter of the network", unmapped), ("missing keys", missing), ("wrong shape", misshaped)
+    )
+    if any(k.endswith((".norm.running_mean", ".norm.running_var")) for k in missing):
+        problems.append(
+            "norm layers outside the backbone without running statistics are GroupNorm "
+            "(NORM: 'GN'), which the engine does not support"
+        )
     if problems:
         raise CheckpointError(
             f"{FAMILY} checkpoint does not fit a Mask R-CNN R-FPN network with the sizes read from it: "

@@ -19,6 +19,11 @@ def format_list(title: str, items: Iterable[str]) -> str:
     return f"{title} ({len(items)}): {shown}{more}"
 
 
+def format_lists(*labelled: tuple[str, list[str]]) -> list[str]:
+    """:func:`format_list` of each ``(title, items)`` pair whose items are not empty, in order."""
+    return [format_list(title, items) for title, items in labelled if items]
+
+
 def require_keys(state: Mapping, keys: Iterable[str], *, family: str) -> None:
     """Raise CheckpointError naming the keys of ``keys`` that ``state`` lacks."""
     missing = [k for k in keys if k not in state]

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from weights import layout
-from weights.errors import CheckpointError, format_list
+from weights.errors import CheckpointError, format_list, format_lists
 from weights.spec import ArchitectureSpec
 
 __all__ = [
@@ -698,13 +698,9 @@ def convert(state) -> tuple[dict[str, Tensor], ArchitectureSpec, MMDetectionNote
         for mm, c in names.items()
         if mm in params and tuple(params[mm].shape) != shapes[c]
     ]
-    problems = []
-    if unmapped:
-        problems.append(format_list("keys that fit no parameter of the network", unmapped))
-    if missing:
-        problems.append(format_list("missing keys", missing))
-    if misshaped:
-        problems.append(format_list("wrong shape", misshaped))
+    problems = format_lists(
+        ("keys that fit no parameter of the network", unmapped), ("missing keys", missing), ("wrong shape", misshaped)
+    )
     hints = [why for rx, why in _HINTS if any(rx.search(k) for k in unmapped)]
     problems.extend(dict.fromkeys(hints))
     if problems:

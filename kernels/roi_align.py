@@ -533,7 +533,9 @@ def multilevel_roi_align_reference(
         if sel.numel() == 0:
             continue
         H, W = int(feat.shape[2]), int(feat.shape[3])
-        flat = feat.permute(0, 2, 3, 1).reshape(B * H * W, C)
+        # one copy of an NCHW map into channels-last rows (a no-op for channels_last maps):
+        # gathering rows of a strided view reads C scattered floats per row, about 3x slower
+        flat = feat.permute(0, 2, 3, 1).contiguous().reshape(B * H * W, C)
         sub = rois.index_select(0, sel)
         if mode == "crop_and_resize":
             for start in range(0, sel.numel(), rows_per_chunk):

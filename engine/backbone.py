@@ -203,6 +203,20 @@ def tf_same_max_pool(x: Tensor, *, kernel_size: int, stride: int) -> Tensor:
     return F.max_pool2d(x, kernel_size=kernel_size, stride=stride)
 
 
+def stem_max_pool(x: Tensor) -> Tensor:
+    """The ResNet stem's 3x3 stride-2 max pool with 1 pixel of padding, float [B, C, H, W].
+
+    On CPU an NCHW map is pooled in channels-last and returned in NCHW: the same values (a
+    maximum has no rounding). PyTorch vectorises its CPU pool over channels in channels-last:
+    124 ms -> 70 ms on a [1, 64, 400, 608] map, 2 cores, conversions counted. Every other
+    input is pooled as it is.
+    """
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and x.shape[1] > 1:
+        pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=2, padding=1)
+        return pooled.contiguous()
+    return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+
 class ResNetBody(nn.Module):
     """ResNet / ResNeXt stem and four stages; returns C2..C5 (strides 4, 8, 16, 32).
 
@@ -278,7 +292,7 @@ class ResNetBody(nn.Module):
         if self.stem_pool == "tf_same":
             x = tf_same_max_pool(x, kernel_size=3, stride=2)
         else:
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+            x = stem_max_pool(x)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

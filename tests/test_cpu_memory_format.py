@@ -8,6 +8,7 @@ import torch
 
 from checkpoints import photographs
 from engine import Predictor
+from engine.backbone import stem_max_pool
 from engine.config import PRESETS
 from engine.model import cpu_has_fast_kernels
 from tiny import TINY_CONFIG, tiny_state_dict
@@ -87,3 +88,24 @@ def test_channels_last_is_torchvision_run_channels_last_to_the_bit():
     for o, t in zip(ours, theirs):
         assert torch.equal(o.boxes, t["boxes"]) and torch.equal(o.scores, t["scores"]) and torch.equal(o.labels, t["labels"])
         assert torch.equal(o.masks, t["masks"][:, 0] > 0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 40, 61), (2, 8, 7, 9), (1, 3, 1, 1), (3, 16, 2, 5), (1, 1, 5, 5), (0, 4, 6, 6)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_stem_max_pool_is_the_plain_max_pool_to_the_bit(shape, layout, seed):
+    x = torch.randn(shape)
+    x[..., ::3, ::4] = float("-inf")
+    if x.numel():
+        x.view(-1)[:: max(1, x.numel() // 5)] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(shape[:3] + (2 * shape[3],))[..., ::2]
+    before = x.clone()
+    expected = torch.nn.functional.max_pool2d(x.contiguous(), kernel_size=3, stride=2, padding=1)
+    got = stem_max_pool(x)
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    assert torch.equal(got.isnan(), expected.isnan())
+    plain = torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    assert got.stride() == plain.stride()  # the layout the plain pool would give
+    assert torch.equal(x.nan_to_num(7.0), before.nan_to_num(7.0))

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from kernels._checks import describe as _describe
-from kernels._dispatch import use_triton
+from kernels._dispatch import references_forced, use_triton
 
 try:  # triton is an optional dependency (Linux only); the reference needs only torch
     import triton
@@ -79,6 +79,7 @@ __all__ = [
     "nms_reference",
     "nms_triton",
     "segmented_nms_keep",
+    "segmented_nms_keep_cpu",
     "segmented_nms_keep_reference",
     "segmented_nms_keep_triton",
 ]
@@ -517,6 +518,59 @@ def segmented_nms_keep_reference(boxes: Tensor, scores: Tensor, valid: Tensor, i
     return keep.view(num_segments, size)
 
 
+def segmented_nms_keep_cpu(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """The CPU path of :func:`segmented_nms_keep`: the reference's keep mask, bit for bit, without
+    its ``[S, S]`` IoU matrix.
+
+    Same arguments and result as :func:`segmented_nms_keep_reference`. Each segment's valid boxes
+    are visited in the reference's order (descending score, ties in column order); only a box that
+    is kept has its IoU with the boxes after it computed, in float32 with the reference's operation
+    order (``inter / ((area_i + area_j) - inter)``, compared with ``float32(iou_threshold)``). So
+    the work is (kept boxes) x (segment size) instead of (segment size)^2: for matterport's 6,000
+    proposals per image the reference builds a 36 M-entry matrix and its temporaries.
+    """
+    _check_segmented_inputs(boxes, scores, valid, iou_threshold)
+    num_segments, size = scores.shape
+    keep = np.zeros((num_segments, size), dtype=bool)
+    if keep.size:
+        # valid entries first, each segment by descending score with ties in column order: a stable
+        # sort by score, then a stable sort of that order by validity
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        by_validity = torch.sort(torch.gather(valid, 1, order).to(torch.uint8), dim=1, descending=True, stable=True)
+        order = torch.gather(order, 1, by_validity.indices).cpu().numpy()
+        counts = by_validity.values.sum(1).tolist()
+        all_boxes = boxes.detach().to(device="cpu", dtype=torch.float32).numpy()
+        threshold = np.float32(iou_threshold)
+        for segment, count in enumerate(counts):
+            if count:
+                visited = order[segment, :count]
+                kept = _greedy_keep(all_boxes[segment, visited], threshold)
+                keep[segment, visited[kept]] = True
+    return torch.from_numpy(keep).to(boxes.device)
+
+
+def _greedy_keep(boxes: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """Positions kept by greedy NMS over float32 [N, 4] boxes already in visiting order."""
+    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    n = len(areas)
+    removed = np.zeros(n, dtype=bool)
+    kept = []
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero-area pairs give NaN: never suppressed
+        for i in range(n):
+            if removed[i]:
+                continue
+            kept.append(i)
+            if i + 1 == n:
+                break
+            rest = slice(i + 1, n)
+            w = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0)
+            h = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0)
+            inter = w * h
+            removed[rest] |= inter / ((areas[i] + areas[rest]) - inter) > threshold
+    return np.asarray(kept, dtype=np.int64)
+
+
 if _HAS_TRITON:
 
     @triton.jit
@@ -711,8 +765,12 @@ def batched_nms_keep(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshol
 
 def segmented_nms_keep(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each fixed-size segment, bool [G, S] keep mask: the Triton kernels for CUDA
-    tensors (no host synchronisation), the reference otherwise (see :func:`batched_nms`).
+    tensors (no host synchronisation), :func:`segmented_nms_keep_cpu` for CPU tensors, the
+    reference where ``ENGINE_FORCE_REFERENCE=1`` (see :func:`batched_nms`).
     Contract: :func:`segmented_nms_keep_reference`."""
     _check_segmented_inputs(boxes, scores, valid, iou_threshold)
-    fn = segmented_nms_keep_triton if (_HAS_TRITON and use_triton(boxes)) else segmented_nms_keep_reference
-    return fn(boxes, scores, valid, iou_threshold)
+    if _HAS_TRITON and use_triton(boxes):
+        return segmented_nms_keep_triton(boxes, scores, valid, iou_threshold)
+    if boxes.device.type == "cpu" and not references_forced():
+        return segmented_nms_keep_cpu(boxes, scores, valid, iou_threshold)
+    return segmented_nms_keep_reference(boxes, scores, valid, iou_threshold)

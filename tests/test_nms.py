@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.nms import batched_nms_reference, nms_reference
 
@@ -492,13 +494,81 @@ def test_segmented_input_errors():
         segmented_nms_keep(boxes, scores, valid, -0.1)
 
 
-def test_segmented_dispatcher_uses_the_reference_on_cpu(monkeypatch):
+def test_segmented_dispatcher_uses_the_cpu_path_on_cpu(monkeypatch):
     monkeypatch.delenv(FORCE_TRITON_ENV, raising=False)
-    called = []
-    monkeypatch.setattr(nms_module, "segmented_nms_keep_triton", lambda *a: called.append(1))
+    monkeypatch.delenv(FORCE_REFERENCE_ENV, raising=False)
     boxes, scores, valid = segmented_case(2, 9, seed=3)
-    assert torch.equal(segmented_nms_keep(boxes, scores, valid, 0.5), segmented_nms_keep_reference(boxes, scores, valid, 0.5))
+    expected = segmented_nms_keep_reference(boxes, scores, valid, 0.5)
+    called = []
+    monkeypatch.setattr(nms_module, "segmented_nms_keep_triton", lambda *a: called.append("triton"))
+    monkeypatch.setattr(nms_module, "segmented_nms_keep_reference", lambda *a: called.append("reference"))
+    assert torch.equal(segmented_nms_keep(boxes, scores, valid, 0.5), expected)
     assert not called
+    monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+    segmented_nms_keep(boxes, scores, valid, 0.5)
+    assert called == ["reference"]
+
+
+# --- the CPU path: the reference's keep mask, bit for bit --------------------------------------
+
+from kernels.nms import segmented_nms_keep_cpu  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "num_segments,size", [(0, 5), (3, 0), (1, 1), (4, 17), (2, 64), (3, 65), (5, 130), (1, 1500)], ids=str
+)
+@pytest.mark.parametrize("tie", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_segmented_cpu_path_equals_reference(num_segments, size, tie, threshold):
+    boxes, scores, valid = segmented_case(num_segments, size, seed=3 * size + num_segments, tie=tie)
+    copies = boxes.clone(), scores.clone(), valid.clone()
+    keep = segmented_nms_keep_cpu(boxes, scores, valid, threshold)
+    assert keep.dtype == torch.bool and keep.shape == (num_segments, size) and keep.device == boxes.device
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, threshold))
+    assert all(torch.equal(a, b) for a, b in zip((boxes, scores, valid), copies))
+
+
+def test_segmented_cpu_path_degenerate_identical_and_invalid_boxes():
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10], [5, 5, 5, 9], [5, 5, 5, 9], [3, 3, 1, 1], [0, 0, 10, 10]]])
+    scores = torch.tensor([[0.9, 0.8, 0.95, 0.95, 0.99, 1.0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    keep = segmented_nms_keep_cpu(boxes, scores, valid, 0.5)
+    # the invalid top box suppresses nothing, degenerate boxes are kept and suppress nothing
+    assert keep.tolist() == [[True, False, True, True, True, False]]
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, 0.5))
+
+
+def test_segmented_cpu_path_threshold_compared_in_float32():
+    """IoU == float32(0.3) (which rounds 0.3 upwards) is not above the threshold: both kept."""
+    boxes = torch.tensor([[[0.0, 0, 6, 1], [3, 0, 10, 1]]])  # intersection 3, union 10
+    scores = torch.tensor([[0.9, 0.8]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    keep = segmented_nms_keep_cpu(boxes, scores, valid, 0.3)
+    assert keep.tolist() == [[True, True]]
+    assert torch.equal(keep, segmented_nms_keep_reference(boxes, scores, valid, 0.3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_segments=st.integers(0, 3),
+    size=st.integers(0, 40),
+    threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 1.0]),
+    data=st.data(),
+)
+def test_segmented_cpu_path_property(num_segments, size, threshold, data):
+    """Any boxes on a coarse grid (so that equal coordinates, zero areas and exact ties are
+    common), any validity mask, any scores with ties: the CPU path equals the reference."""
+    n = num_segments * size
+    coords = data.draw(st.lists(st.integers(0, 8), min_size=4 * n, max_size=4 * n))
+    ranks = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    flags = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    boxes = torch.tensor(coords, dtype=torch.float32).view(num_segments, size, 4)
+    boxes[..., 2:] += boxes[..., :2] * 0.5  # mostly proper boxes, some degenerate
+    scores = torch.tensor(ranks, dtype=torch.float32).view(num_segments, size) / 4
+    valid = torch.tensor(flags, dtype=torch.bool).view(num_segments, size)
+    assert torch.equal(
+        segmented_nms_keep_cpu(boxes, scores, valid, threshold), segmented_nms_keep_reference(boxes, scores, valid, threshold)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

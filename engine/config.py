@@ -82,16 +82,19 @@ class MaskRCNNConfig:
             mmdetection's ``norm_eval=True`` ResNet). Both are the same function; their float32
             roundings differ, and 50 layers make that a 1e-3 difference in the FPN features.
         cpu_memory_format: the memory format of the convolutions on the CPU: "contiguous" (NCHW,
-            every preset: the frameworks' own arithmetic) or "channels_last", an opt-in speed mode
-            (oneDNN's faster layout: 1.26x end to end on the torchvision R50-FPN, 2-core CPU). Same
-            function, other float32 roundings: against torchvision, R50 scores moved by up to 5e-5
-            but a ResNet-101 broke the parity tolerance of 1e-4, hence not the default.
+            the PyTorch families' presets: their frameworks' own arithmetic) or "channels_last", a
+            speed mode (oneDNN's faster layout: 1.26x end to end on the torchvision R50-FPN, 2-core
+            CPU). Same function, other float32 roundings: against torchvision, R50 scores moved by
+            up to 5e-5 but a ResNet-101 broke the parity tolerance of 1e-4, hence not their default.
+            The matterport preset takes it (with ``fold_batch_norms``): matterport runs on
+            TensorFlow, whose NHWC convolutions no NCHW arithmetic reproduces either.
             bf16 / fp16 run channels-last on every device, whatever this says; CUDA fp32 runs NCHW.
         fold_batch_norms: fold each frozen batch norm into the convolution before it when the model
             loads (:func:`engine.backbone.fold_frozen_batch_norms`): an opt-in fp32 speed mode, on
             every device. Same function, other float32 roundings (the scale multiplies the weights,
-            not the outputs), hence off in every preset; see BENCHMARKS.md for how far each parity
-            case moves. bf16 / fp16 always fold, whatever this says.
+            not the outputs), hence off in the PyTorch families' presets; see BENCHMARKS.md for how
+            far each parity case moves. On in the matterport preset (see ``cpu_memory_format``).
+            bf16 / fp16 always fold, whatever this says.
         stride_in_1x1: bottleneck stride on the first 1x1 conv (Detectron2's MSRA weights) instead of the 3x3.
         stem_pool: the stem's 3x3 stride-2 max-pool padding: "torch" (1 pixel each side) or "tf_same"
             (TensorFlow SAME: the odd padding pixel goes after, so none before for even inputs; matterport).
@@ -398,6 +401,10 @@ MATTERPORT_MASK_RCNN_FPN = MaskRCNNConfig(
     max_size=1024,
     resize_method="skimage_uint8",
     resize_mode="square",
+    # TensorFlow's NHWC convolutions are matterport's arithmetic, not torch's NCHW ones: on the CPU
+    # the preset takes the faster channels-last layout with the norms folded (BENCHMARKS.md)
+    cpu_memory_format="channels_last",
+    fold_batch_norms=True,
     bn_eps=1e-3,
     stride_in_1x1=True,
     stem_pool="tf_same",

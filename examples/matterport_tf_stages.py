@@ -271,21 +271,16 @@ def engine_stages(predictor, images, clock: dict | None = None):
     return results
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def matched_fraction(theirs: dict, ours) -> float | None:
     """Share of the TF pipeline's detections that the engine has too (same class, box IoU >= 0.9)."""
     if not len(theirs["rois"]):
         return None
     our_boxes = ours.boxes.numpy()[:, [1, 0, 3, 2]]  # y1 x1 y2 x2, as matterport
-    iou = _box_iou(theirs["rois"], our_boxes) if len(our_boxes) else np.zeros((len(theirs["rois"]), 0))
+    import torch
+
+    from benchmark import box_iou
+
+    iou = box_iou(torch.from_numpy(theirs["rois"]).double(), torch.from_numpy(our_boxes).double()).numpy()
     same = theirs["class_ids"][:, None] == ours.labels.numpy()[None, :]
     return float(((iou >= 0.9) & same).any(axis=1).mean())
 

@@ -21,9 +21,9 @@ class FrozenBatchNorm2d(nn.Module):
     ``config.bn_arithmetic``) it calls ``F.batch_norm`` in eval mode instead, bit for bit what an
     ``nn.BatchNorm2d`` in eval mode gives (mmdetection). Input and output: float [B, C, H, W].
 
-    With ``inplace=True`` the scale-shift form overwrites its input when the input has the
-    statistics' dtype (float32), with the same two roundings: every network here passes it a
-    fresh convolution output, and the CPU then skips two full-size allocations per layer.
+    With ``inplace=True`` either form overwrites its input when the input has the statistics'
+    dtype (float32), with the same roundings: every network here passes it a fresh convolution
+    output, and the CPU then skips full-size allocations (page faults) per layer.
     """
 
     arithmetic = "scale_shift"
@@ -47,11 +47,26 @@ class FrozenBatchNorm2d(nn.Module):
         if self.folded:
             return x
         if self.arithmetic == "batch_norm":
+            if self.inplace and _overwritable(x, self.weight.dtype):
+                # the very kernel F.batch_norm runs (same roundings), writing over its input: a fresh
+                # full-size output costs the CPU more in page faults than the norm itself (BENCHMARKS.md)
+                empty = x.new_empty(0)
+                return torch.ops.aten.native_batch_norm.out(
+                    x, self.weight, self.bias, self.running_mean, self.running_var, False, 0.0, self.eps,
+                    out=x, save_mean=empty, save_invstd=empty.clone(),
+                )[0]
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale, shift = (t.reshape(1, -1, 1, 1) for t in self.scale_shift())
         if self.inplace and x.dtype == scale.dtype:
             return x.mul_(scale).add_(shift)
         return x * scale + shift  # under autocast a bf16 / fp16 input comes out float32, as in torchvision
+
+
+def _overwritable(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``native_batch_norm.out`` may write over ``x``: the statistics' dtype, dense in
+    NCHW or channels-last order (its kernel reads a strided view differently), no autograd."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return x.dtype == dtype and dense and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 @torch.no_grad()

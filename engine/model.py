@@ -230,12 +230,14 @@ class MaskRCNN(nn.Module):
         """Multi-level RoIAlign of per-image boxes (resized-image pixels) -> float32 [R, C, out, out].
 
         ``boxes``: a list of per-image [n_i, 4] (R = sum n_i), or a padded [B, P, 4] (R = B * P).
+        ``features``: the FPN levels, or :meth:`pooling_maps` of them (no copy then).
 
         With ``roi_mode="crop_and_resize"`` the boxes are in the normalized frame and the level
         rule's canonical size is divided by ``sqrt(Hp * Wp)`` (matterport's ``PyramidROIAlign``).
         """
         cfg = self.config
-        maps = [m.float() for m in features[:4]]  # the RoIAlign kernel samples and accumulates in float32
+        maps = self.pooling_maps(features)
+        rois = padded_rois(boxes) if isinstance(boxes, Tensor) else boxes_to_rois(boxes)
         if cfg.roi_mode == "crop_and_resize":
             height, width = batch.tensor.shape[-2:]
             scales = [2.0 ** -(2 + i) for i in range(len(maps))]  # ignored by crop_and_resize; P2 first
@@ -245,7 +247,6 @@ class MaskRCNN(nn.Module):
             scales = infer_spatial_scales(maps, batch.image_sizes)
             first = int(round(-math.log2(scales[0])))
             rule = replace(cfg.level_rule, min_level=first, max_level=first + len(maps) - 1)
-        rois = padded_rois(boxes) if isinstance(boxes, Tensor) else boxes_to_rois(boxes)
         return multilevel_roi_align(
             maps,
             rois,
@@ -256,6 +257,15 @@ class MaskRCNN(nn.Module):
             level_rule=rule,
             mode=cfg.roi_mode,
         )
+
+    def pooling_maps(self, features: list[Tensor]) -> list[Tensor]:
+        """The maps RoIAlign reads: P2..P5 in float32 (the kernel samples and accumulates in
+        float32); on the CPU also channels-last, the rows the reference gathers, so that the box
+        and mask heads share one copy of each level. Maps already so come back as they are."""
+        maps = [m.float() for m in features[:4]]
+        if maps and maps[0].device.type == "cpu":
+            maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+        return maps
 
     def padded_detect(self, features: list[Tensor], proposals: BatchProposals, batch: ImageBatch) -> BatchDetections:
         """Box head and post-processing on every row of the padded proposals: final detections

@@ -58,8 +58,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine import Predictor  # noqa: E402
 from engine.model import cpu_has_fast_kernels  # noqa: E402
-from engine.postprocess import to_original_frame  # noqa: E402
-from engine.predictor import padded_size_groups  # noqa: E402
+from engine.predictor import STAGES, padded_size_groups  # noqa: E402
 from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
@@ -345,40 +344,14 @@ def bench_stages(args, state, device, *, precision: str | None = None, config=No
     ``precision`` (default: the fast one) under ``config`` (default: the checkpoint's preset)."""
     precision = precision or args.fast_precision
     predictor = Predictor(state, device=device, config=config or args.config, precision=precision)
-    model = predictor.model
     images = photographs(args.stage_batch, scale=args.image_scale)
-    timings = {name: [] for name in ("preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste")}
+    timings = {name: [] for name in STAGES}
 
     def once(record: bool):
-        with torch.inference_mode():
-            marks = [time.perf_counter()]
-
-            def mark():
-                synchronize(device)
-                marks.append(time.perf_counter())
-
-            batch = predictor.preprocess(images)
-            mark()
-            features = model.features(batch)
-            mark()
-            proposals, _ = model.proposals(features, batch)
-            mark()
-            detections = model.detect(features, proposals, batch)
-            mark()
-            probs = model.mask_probabilities(features, detections, batch)
-            mark()
-            to_original_frame(
-                detections,
-                probs,
-                image_sizes=batch.image_sizes,
-                original_sizes=batch.original_sizes,
-                config=model.config,
-                windows=batch.windows,
-            )
-            mark()
+        _, seconds = predictor.profile_stages(images)
         if record:
-            for name, a, b in zip(timings, marks, marks[1:]):
-                timings[name].append(b - a)
+            for name, value in seconds.items():
+                timings[name].append(value)
 
     for _ in range(args.warmup):
         once(False)

@@ -49,8 +49,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "examples")]
 
+from engine.predictor import STAGES  # noqa: E402  (torch and triton before TensorFlow: the other order crashes)
+
 ENGINE_VARIANTS = ("default", "nchw", "bf16")
-STAGES = ("preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste")
 
 
 def _tf():
@@ -243,31 +244,10 @@ class MatterportOnTensorFlow:
 
 def engine_stages(predictor, images, clock: dict | None = None):
     """``Predictor.run(images)`` split at the stages of ``examples/benchmark.py``'s profile."""
-    import torch
-
-    from engine.postprocess import to_original_frame
-
-    model = predictor.model
-    with torch.inference_mode():
-        marks = [time.perf_counter()]
-        batch = predictor.preprocess(images)
-        marks.append(time.perf_counter())
-        features = model.features(batch)
-        marks.append(time.perf_counter())
-        proposals, _ = model.proposals(features, batch)
-        marks.append(time.perf_counter())
-        detections = model.detect(features, proposals, batch)
-        marks.append(time.perf_counter())
-        probs = model.mask_probabilities(features, detections, batch)
-        marks.append(time.perf_counter())
-        results = to_original_frame(
-            detections, probs, image_sizes=batch.image_sizes, original_sizes=batch.original_sizes,
-            config=model.config, windows=batch.windows,
-        )
-        marks.append(time.perf_counter())
+    results, seconds = predictor.profile_stages(images)
     if clock is not None:
-        for name, a, b in zip(STAGES, marks, marks[1:]):
-            clock[name] = clock.get(name, 0.0) + (b - a)
+        for name, value in seconds.items():
+            clock[name] = clock.get(name, 0.0) + value
     return results
 
 

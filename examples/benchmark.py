@@ -17,7 +17,8 @@ photographs from scikit-image. Reported:
   and the share of time after backbone+FPN;
 - the peers (``--sections peers``): torchvision, and mmdetection where installed (one image per
   ``inference_detector`` call), each on its own checkpoint file, against the engine loaded from
-  that same file (fp32, fp32 channels-last on the CPU, the fast mode), in alternating rounds;
+  that same file (fp32; on the CPU fp32 without ``reuse_host_memory`` and fp32 channels-last; the
+  fast mode), in alternating rounds;
 - scaling (``--sections scaling``): the engine's time against the batch size, the image size, the
   torch threads (CPU), and a mixed batch run as one padded batch, one batch per padded size, or
   one image per call;
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine import Predictor  # noqa: E402
+from engine import host_memory  # noqa: E402
 from engine.model import cpu_has_fast_kernels  # noqa: E402
 from engine.predictor import STAGES, padded_size_groups  # noqa: E402
 from kernels.nms import batched_nms  # noqa: E402
@@ -469,7 +471,8 @@ PEERS = {"torchvision": _torchvision_peer, "mmdetection": _mmdetection_peer}
 
 
 def _engine_variants(path: Path, device, args) -> dict:
-    """The engine on a peer's file: fp32 as loaded (the parity default), on the CPU the opt-in fp32
+    """The engine on a peer's file: fp32 as loaded (the parity default), on the CPU fp32 with the
+    process's malloc settings untouched (``reuse_host_memory=False``, where glibc) and the opt-in fp32
     speed modes (channels-last, and channels-last with the norms folded), and the fast mode where
     it has fast kernels."""
     loaded = Predictor(path, device=device)
@@ -478,6 +481,8 @@ def _engine_variants(path: Path, device, args) -> dict:
         config = config.replace(min_size=args.config.min_size, max_size=args.config.max_size)
     variants = {"engine fp32": Predictor(path, device=device, config=config)}
     if device.type == "cpu":
+        if host_memory.available():  # what the allocator setting alone gives, in the same rounds
+            variants["engine fp32, reuse_host_memory=False"] = Predictor(path, device=device, config=config, reuse_host_memory=False)
         fast_layout = config.replace(cpu_memory_format="channels_last")
         variants["engine fp32, channels_last"] = Predictor(path, device=device, config=fast_layout)
         variants["engine fp32, channels_last + folded"] = Predictor(path, device=device, config=fast_layout.replace(fold_batch_norms=True))

@@ -93,6 +93,7 @@ def test_benchmark_peers_and_scaling_sections_smoke(tmp_path):
                 "--scaling-sizes", "96", "--json", str(out_json), "--markdown", str(out_md)])
     report = json.loads(out_json.read_text())
     bf16 = ["engine bf16"] if FAST_BF16 else []
+    untouched_malloc = ["engine fp32, reuse_host_memory=False"] if bench.host_memory.available() else []
     by_peer = {}
     for r in report["peers"]:
         by_peer.setdefault(r["peer"], []).append(r)
@@ -101,9 +102,11 @@ def test_benchmark_peers_and_scaling_sections_smoke(tmp_path):
         if "skipped" in rows[0]:
             assert peer == "mmdetection" and importlib.util.find_spec("mmdet") is None
             continue
-        assert [r["system"] for r in rows] == [f"{peer} fp32", "engine fp32", "engine fp32, channels_last", "engine fp32, channels_last + folded", *bf16]
+        assert [r["system"] for r in rows] == [f"{peer} fp32", "engine fp32", *untouched_malloc, "engine fp32, channels_last", "engine fp32, channels_last + folded", *bf16]
         assert all(r["median_s"] > 0 and r["batch"] == 1 for r in rows) and rows[0]["speed_vs_peer"] == 1.0
         assert rows[1]["agreement"]["matched_fraction"] == 1.0  # the fp32 default is parity with the peer
+        if untouched_malloc:
+            assert rows[2]["agreement"]["matched_fraction"] == 1.0
     scaling = report["scaling"]
     precisions = ["fp32", *(["bf16"] if FAST_BF16 else [])]
     assert [(r["precision"], r["batch"]) for r in scaling["batch"]] == [(p, b) for p in precisions for b in (1, 2)]

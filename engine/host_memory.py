@@ -14,6 +14,9 @@ and hands the free heap back to the system (``malloc_trim(0)``). This is what th
 variables ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``, or the jemalloc / tcmalloc that
 PyTorch's CPU performance guide recommends, do for a whole process, limited to the run.
 
+Price: while a run is on, the heap holds the freed blocks, about 0.5 GiB more peak resident
+memory for an fp32 batch of four 800x1216 photographs (BENCHMARKS.md).
+
 Side effect, for the process: any ``mallopt`` call ends glibc's dynamic adjustment of the mmap
 threshold, which stays at the value it had reached. Elsewhere (not glibc, not Linux) it does nothing.
 """

@@ -198,8 +198,13 @@ class Predictor:
         for every preset.
         """
         images = validate_images(images)
-        with reusing_freed_memory() if self.reuse_host_memory else contextlib.nullcontext():
+        with self._host_memory_scope():
             return self._run_validated(images)
+
+    def _host_memory_scope(self):
+        """The scope of one run: :func:`~engine.host_memory.reusing_freed_memory` where
+        ``reuse_host_memory`` is on (CPU), otherwise nothing."""
+        return reusing_freed_memory() if self.reuse_host_memory else contextlib.nullcontext()
 
     def _run_validated(self, images: list[np.ndarray]) -> list[Detections]:
         """:meth:`run` on validated images: one padded batch, or one per padded size."""
@@ -219,7 +224,7 @@ class Predictor:
         between stages, so the figures are for profiling, not for the fastest run."""
         images = validate_images(images)
         marks: list[float] = []
-        with reusing_freed_memory() if self.reuse_host_memory else contextlib.nullcontext():
+        with self._host_memory_scope():
             results = self._run_padded_batch(images, stage_marks=marks)
         return results, {name: b - a for name, a, b in zip(STAGES, marks, marks[1:])}
 

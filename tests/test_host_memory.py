@@ -1,7 +1,11 @@
 """engine.host_memory: freed large blocks are reused during a CPU run, and the results stay the same."""
 
-import resource
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,35 +15,53 @@ from engine import Predictor, host_memory
 from engine.predictor import STAGES
 from tiny import TINY_CONFIG, tiny_state_dict
 
-BLOCK_BYTES = 64 << 20  # over glibc's largest mmap threshold (32 MiB)
-PAGE = 4096
+ROOT = Path(__file__).resolve().parents[1]
 
 needs_glibc = pytest.mark.skipif(not host_memory.available(), reason="the malloc settings exist under glibc only")
 
+# Run in a fresh interpreter: in a long pytest process, earlier tests leave free chunks in malloc's
+# heap, and a 64 MiB block may then come from there even outside the scope (CI saw exactly that).
+FAULT_PROBE = """
+import json, resource, torch
+from engine import host_memory
 
-def faults_of_two_blocks() -> int:
-    """Minor page faults taken by writing a 64 MiB block, freeing it, and writing another."""
+BLOCK_BYTES = 64 << 20  # over glibc's largest mmap threshold (32 MiB)
+
+def faults_of_two_blocks():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(2):
+    for _ in range(2):  # write a block, free it, write another
         block = torch.empty(BLOCK_BYTES // 4)
         block.fill_(1.0)
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+faults_of_two_blocks()
+plain = faults_of_two_blocks()
+with host_memory.reusing_freed_memory():
+    for _ in range(3):  # the heap grows to the blocks' size, in one or two steps
+        faults_of_two_blocks()
+    reused = faults_of_two_blocks()
+after = faults_of_two_blocks()
+print(json.dumps({"pages": BLOCK_BYTES // 4096, "plain": plain, "reused": reused, "after": after}))
+"""
+
 
 @needs_glibc
 def test_freed_blocks_are_reused_inside_the_scope_only():
-    pages = BLOCK_BYTES // PAGE
-    faults_of_two_blocks()
-    plain = faults_of_two_blocks()
-    with host_memory.reusing_freed_memory():
-        for _ in range(3):  # the heap grows to the blocks' size, in one or two steps
-            faults_of_two_blocks()
-        reused = faults_of_two_blocks()
-    after = faults_of_two_blocks()
-    assert plain >= 1.5 * pages, "each fresh block should fault its pages in"
-    assert reused < 0.1 * pages, reused
-    assert after >= 1.5 * pages, "the settings should be restored when the scope ends"
+    done = subprocess.run(
+        [sys.executable, "-c", FAULT_PROBE],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    faults = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = faults["pages"]
+    assert faults["plain"] >= 1.5 * pages, f"each fresh block should fault its pages in: {faults}"
+    assert faults["reused"] < 0.1 * pages, faults
+    assert faults["after"] >= 1.5 * pages, f"the settings should be restored when the scope ends: {faults}"
 
 
 class RecordingLibc:

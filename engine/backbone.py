@@ -105,8 +105,12 @@ def fold_frozen_batch_norms(root: nn.Module) -> int:
 
 
 def add_into(out: Tensor, other: Tensor) -> Tensor:
-    """``out + other``, written into ``out`` (a fresh intermediate) when that changes no dtype."""
-    return out.add_(other) if out.dtype == torch.result_type(out, other) else out + other
+    """``out + other``, written into ``out`` (a fresh intermediate) when that changes no dtype.
+
+    Both are feature maps (not zero-dimensional), so the result's dtype is the promotion of the two
+    dtypes (``torch.promote_types``, which torch.compile reads as a constant; ``torch.result_type``
+    breaks its graph)."""
+    return out.add_(other) if torch.promote_types(out.dtype, other.dtype) == out.dtype else out + other
 
 
 class ConvNorm(nn.Sequential):

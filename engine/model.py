@@ -115,6 +115,7 @@ class MaskRCNN(nn.Module):
         self.precision = precision
         self.autocast_cache = True  # False while the dense part runs from CUDA graphs
         self.trim_padding = False
+        self._compiled: dict = {}  # the network parts torch.compile'd by compile_networks
         self.backbone = Backbone(
             block=spec.block,
             blocks_per_stage=spec.blocks_per_stage,
@@ -157,6 +158,33 @@ class MaskRCNN(nn.Module):
             return True
         return torch.device(device).type != "cuda" and self.config.cpu_memory_format == "channels_last"
 
+    def _box_outputs(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """Box head and predictor: pooled [R, C, P, P] -> class logits [R, K], deltas [R, 4 * K_box]."""
+        return self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+
+    def _mask_logits(self, pooled: Tensor) -> Tensor:
+        """Mask head and predictor: pooled [R, C, 14, 14] -> mask logits [R, K_mask, 28, 28]."""
+        return self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled))
+
+    def compile_networks(self) -> None:
+        """Run the backbone with its FPN, the RPN head, and the box and mask heads through
+        ``torch.compile`` (inductor) with weight freezing: the convolutions take oneDNN's prepacked
+        weights with the ReLUs and additions fused after them.
+
+        An opt-in CPU speed mode (``Predictor(cpu_compile=True)``): the first run of each new
+        input shape compiles (tens of seconds; after two shapes the parts compile for dynamic
+        sizes), and the results differ from the eager ones by float32 rounding, not bit for bit.
+        Call it after the weights and the memory format are final: freezing takes the weights as
+        constants. Everything outside these parts (RoIAlign, NMS, paste) stays eager.
+        """
+        options = {"freezing": True}
+        self._compiled = {
+            "backbone": torch.compile(self.backbone, options=options),
+            "rpn_head": torch.compile(self.rpn.head, options=options),
+            "box_outputs": torch.compile(self._box_outputs, options=options),
+            "mask_logits": torch.compile(self._mask_logits, options=options),
+        }
+
     def features(self, batch: ImageBatch) -> list[Tensor]:
         """FPN features [P2, P3, P4, P5, P6], each [B, C, Hp / 2**k, Wp / 2**k]: float32, or the
         reduced precision dtype in bf16 / fp16 mode; channels-last where :meth:`channels_last`."""
@@ -168,14 +196,15 @@ class MaskRCNN(nn.Module):
                 # oneDNN's CPU convolutions run a batch faster one image at a time (1.12-1.25x
                 # on the R50 backbone, 2 cores: a smaller working set), with the very same
                 # results at these widths (BENCHMARKS.md); then one tensor per level again
-                per_image = [self.backbone(images[i : i + 1]) for i in range(len(images))]
+                backbone = self._compiled.get("backbone", self.backbone)
+                per_image = [backbone(images[i : i + 1]) for i in range(len(images))]
                 return [torch.cat(levels) for levels in zip(*per_image)]
-            return self.backbone(images)
+            return self._compiled.get("backbone", self.backbone)(images)
 
     def rpn_head(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level the RPN's objectness logits [B, A, h, w] and deltas [B, 4A, h, w]."""
         with self._network_precision(features[0].device):
-            return self.rpn.head(features)
+            return self._compiled.get("rpn_head", self.rpn.head)(features)
 
     def dense_outputs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The dense part of the network on a padded batch tensor: FPN features, RPN logits and
@@ -272,7 +301,7 @@ class MaskRCNN(nn.Module):
         of the batch in fixed-size form (resized-image frame)."""
         pooled = self.pool(features, proposals.boxes, batch, output_size=self.config.box_pool_size)
         with self._network_precision(pooled.device):
-            class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+            class_logits, box_deltas = self._compiled.get("box_outputs", self._box_outputs)(pooled)
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
         detections = postprocess_detections(
             class_logits,
@@ -302,7 +331,7 @@ class MaskRCNN(nn.Module):
         num_images, width = detections.scores.shape
         pooled = self.pool(features, detections.boxes, batch, output_size=self.config.mask_pool_size)
         with self._network_precision(pooled.device):
-            logits = self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled)).float()
+            logits = self._compiled.get("mask_logits", self._mask_logits)(pooled).float()
         probs = select_mask_probabilities(logits, detections.labels.reshape(-1))
         return probs.view((num_images, width) + tuple(probs.shape[1:]))
 

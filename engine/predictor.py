@@ -72,6 +72,21 @@ def padded_size_groups(images: Sequence[np.ndarray], config) -> list[list[int]]:
     return list(groups.values())
 
 
+def _check_cpu_compile(device: torch.device) -> None:
+    """Refuse ``cpu_compile=True`` where it cannot run: a CUDA device, or no C++ compiler."""
+    if device.type != "cpu":
+        raise ValueError(
+            f"cpu_compile=True compiles the network for the CPU and needs device='cpu'; got device={str(device)!r} "
+            "(on CUDA, cuda_graph=True replays the dense part from CUDA graphs)"
+        )
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as error:  # inductor's own message says which compilers it looked for
+        raise RuntimeError(f"cpu_compile=True needs a C++ compiler for torch.compile's CPU code (inductor): {error}") from error
+
+
 class Predictor:
     """Runs a pretrained Mask R-CNN checkpoint on batches of images.
 
@@ -103,6 +118,11 @@ class Predictor:
             (:mod:`engine.host_memory`: 1.07-1.15x on an fp32 R50-FPN batch of 4, same results, about
             0.5 GiB more peak resident memory during the run). False keeps the process's malloc
             settings untouched.
+        cpu_compile: on the CPU, run the backbone, FPN, RPN head and the box and mask heads through
+            ``torch.compile`` (inductor, weights frozen; :meth:`engine.model.MaskRCNN.compile_networks`).
+            Opt-in speed mode: the first runs of new input shapes compile (tens of seconds each),
+            the results differ from the default's by float32 rounding (BENCHMARKS.md), and it needs
+            a C++ compiler. CPU only: on CUDA it is a ValueError (``cuda_graph`` is the CUDA mode).
     """
 
     def __init__(
@@ -121,6 +141,7 @@ class Predictor:
         max_chunk_bytes: int | None = None,
         cuda_graph: bool = False,
         reuse_host_memory: bool = True,
+        cpu_compile: bool = False,
     ) -> None:
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {', '.join(map(repr, MASK_FORMATS))}; got {mask_format!r}")
@@ -132,6 +153,11 @@ class Predictor:
         if not isinstance(reuse_host_memory, bool):
             raise TypeError(f"reuse_host_memory must be True or False; got {reuse_host_memory!r}")
         self.reuse_host_memory = reuse_host_memory and self.device.type == "cpu"
+        if not isinstance(cpu_compile, bool):
+            raise TypeError(f"cpu_compile must be True or False; got {cpu_compile!r}")
+        if cpu_compile:
+            _check_cpu_compile(self.device)
+        self.cpu_compile = cpu_compile
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True captures CUDA graphs and needs device='cuda'; got device={str(self.device)!r}")
         if precision in CPU_PRECISION_NEEDS and self.device.type == "cpu" and not cpu_has_fast_kernels(precision):
@@ -160,6 +186,8 @@ class Predictor:
         self.model.trim_padding = self.device.type != "cuda"
         if self.model.channels_last(self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cpu_compile:
+            self.model.compile_networks()
         self._graphed = None
         if cuda_graph:
             self.model.autocast_cache = False

@@ -486,6 +486,8 @@ def _engine_variants(path: Path, device, args) -> dict:
         fast_layout = config.replace(cpu_memory_format="channels_last")
         variants["engine fp32, channels_last"] = Predictor(path, device=device, config=fast_layout)
         variants["engine fp32, channels_last + folded"] = Predictor(path, device=device, config=fast_layout.replace(fold_batch_norms=True))
+        if args.cpu_compile:
+            variants["engine fp32, cpu_compile"] = Predictor(path, device=device, config=config, cpu_compile=True)
     if device.type == "cuda" or cpu_has_fast_kernels("bf16"):
         variants[f"engine {args.fast_precision}"] = Predictor(path, device=device, config=config, precision=args.fast_precision)
     return variants
@@ -507,6 +509,12 @@ def bench_peers(args, device) -> list[dict]:
                 continue
             described, path, peer_run = PEERS[name](args, device, Path(tmp), images)
             engines = _engine_variants(path, device, args)
+            first_runs = {}  # the compiled variant's first run, compile included: kept out of the medians
+            for system, predictor in engines.items():
+                if predictor.cpu_compile:
+                    start = time.perf_counter()
+                    predictor.run(images)
+                    first_runs[system] = time.perf_counter() - start
             systems = {f"{name} fp32": peer_run, **{k: (lambda p=p: p.run(images)) for k, p in engines.items()}}
             times = _interleaved(systems, device=device, warmup=args.warmup, repeats=args.repeats)
             reference = peer_run()
@@ -516,6 +524,8 @@ def bench_peers(args, device) -> list[dict]:
                 row["speed_vs_peer"] = base / row["median_s"]
                 if system in engines:
                     row["agreement"] = agreement(reference, engines[system].run(images))
+                if system in first_runs:
+                    row["first_run_s"] = first_runs[system]
                 rows.append(row)
     return rows
 
@@ -544,6 +554,9 @@ def peers_markdown(rows: list[dict]) -> list[str]:
             f"| {r['peer']} | {r['system']} | {r['batch']} | {r['median_s']:.2f} | {r['p25_s']:.2f}-{r['p75_s']:.2f} "
             f"| {r['speed_vs_peer']:.2f}x | {matched} | {mask_iou} |"
         )
+    for r in rows:
+        if "first_run_s" in r:
+            lines.append(f"\n{r['peer']}, {r['system']}: the first run, compile included (apart from the medians), took {r['first_run_s']:.1f} s.")
     return lines
 
 
@@ -829,6 +842,7 @@ def parse_args(argv=None):
     ap.add_argument("--profile-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"], help="profile section: precisions")
     ap.add_argument("--stage-batch", type=int, default=None, help="profile section: photographs per batch (default 8, 2 with --smoke)")
     ap.add_argument("--peers", nargs="+", default=list(PEER_NAMES), choices=PEER_NAMES, help="peers section: frameworks (mmdetection is skipped where not installed)")
+    ap.add_argument("--cpu-compile", action="store_true", help="peers section on the CPU: add the engine with cpu_compile=True (its first run, compile included, is reported apart)")
     ap.add_argument("--peer-batch", type=int, default=None, help="peers and scaling sections: photographs per batch (default 4, 1 with --smoke)")
     ap.add_argument("--scaling-batches", type=int, nargs="+", default=None, help="scaling section: batch sizes (default 1 2 4 8; 1 2 with --smoke)")
     ap.add_argument("--scaling-sizes", type=int, nargs="+", default=None, help="scaling section: min_size values, max_size scaled with them (default 480 640 800 1024; 96 128 with --smoke)")

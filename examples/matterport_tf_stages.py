@@ -51,7 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "examples")]
 
 from engine.predictor import STAGES  # noqa: E402  (torch and triton before TensorFlow: the other order crashes)
 
-ENGINE_VARIANTS = ("default", "nchw", "bf16")
+ENGINE_VARIANTS = ("default", "nchw", "bf16", "compile")
 
 
 def _tf():
@@ -275,7 +275,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--min-dim", type=int, default=800)
     parser.add_argument("--engine-configs", nargs="+", default=["default", "nchw"], choices=ENGINE_VARIANTS,
                         help="engine variants: the preset (channels-last, folded norms), nchw (its fp32 run as the "
-                        "PyTorch presets run: NCHW, norms unfolded), bf16 (where the CPU has bf16 kernels)")
+                        "PyTorch presets run: NCHW, norms unfolded), bf16 (where the CPU has bf16 kernels), compile (the preset "
+                        "with cpu_compile=True; its first run, compile included, is reported apart)")
     parser.add_argument("--class-logit-scale", type=float, default=0.1,
                         help="factor on the random classifier logits' kernel (how many detections pass 0.7)")
     parser.add_argument("--json", type=Path)
@@ -316,17 +317,22 @@ def main(argv=None) -> dict:
             "default": (base, "fp32"),
             "nchw": (base.replace(cpu_memory_format="contiguous", fold_batch_norms=False), "fp32"),
             "bf16": (base, "bf16"),
+            "compile": (base, "fp32"),
         }
         engines = {
-            name: Predictor(path, config=variants[name][0], precision=variants[name][1]) for name in args.engine_configs
+            name: Predictor(path, config=variants[name][0], precision=variants[name][1], cpu_compile=name == "compile")
+            for name in args.engine_configs
         }
 
         systems = {"matterport on TensorFlow, one image per call": lambda clock: [tf_pipeline.detect(im, clock) for im in images]}
         for name, predictor in engines.items():
             systems[f"engine, matterport preset ({name})"] = lambda clock, p=predictor: engine_stages(p, images, clock)
+        first_runs = {}  # the first call of each system (the compiled variant's compile included)
         for _ in range(args.warmup):
-            for run in systems.values():
+            for name, run in systems.items():
+                start = time.perf_counter()
                 run(None)
+                first_runs.setdefault(name, time.perf_counter() - start)
         clocks = {name: [] for name in systems}
         for _ in range(args.repeats):  # alternating rounds
             for name, run in systems.items():
@@ -347,7 +353,10 @@ def main(argv=None) -> dict:
     rows = []
     for name, runs in clocks.items():
         medians = {stage: statistics.median(run[stage] for run in runs) for stage in STAGES}
-        rows.append({"system": name, "stages_s": medians, "total_s": statistics.median(sum(run.values()) for run in runs)})
+        rows.append({
+            "system": name, "stages_s": medians, "total_s": statistics.median(sum(run.values()) for run in runs),
+            "first_run_s": first_runs.get(name),
+        })
     report = {
         "environment": {
             "cpu": platform.processor() or platform.machine(),
@@ -390,6 +399,9 @@ def markdown(report: dict) -> str:
         cells = [f"{r['stages_s'][s]:.2f}" for s in STAGES]
         lines.append(f"| {r['system']} | " + " | ".join(cells) + f" | {r['total_s']:.2f} | {base['total_s'] / r['total_s']:.2f}x |")
     lines.append("")
+    first = [f"{r['system']} {r['first_run_s']:.1f} s" for r in rows if r.get("first_run_s") is not None]
+    if first:
+        lines.append("- first runs (warm-up, apart from the medians; compile included where compiled): " + "; ".join(first) + ".")
     for name, a in report["agreement"].items():
         matched = "-" if a["matched"] is None else f"{a['matched']:.3f}"
         lines.append(

@@ -1,14 +1,15 @@
 """How far the opt-in fp32 speed modes move the torchvision parity cases (a script, not a test).
 
 For each checkpoint of ``tests/test_parity_torchvision.py`` (COCO-like R50 at 800, fine-tuned,
-v2, ResNeXt-50, ResNet-101), torchvision's own output is the oracle, and the engine runs in four
+v2, ResNeXt-50, ResNet-101), torchvision's own output is the oracle, and the engine runs in five
 fp32 modes: the default (NCHW, norms as torchvision computes them), ``cpu_memory_format=
-"channels_last"``, ``fold_batch_norms=True``, and both. Per case and mode: whether the parity
+"channels_last"``, ``fold_batch_norms=True``, both, and ``Predictor(cpu_compile=True)`` (its
+compile happens in the untimed warm run). Per case and mode: whether the parity
 test's contract holds (``assert_detections_match``: same label, box IoU >= 0.99, score within
 1e-4, mask IoU >= 0.99, nothing extra), the largest score difference of a matched detection,
 and the seconds of one warm ``Predictor.run`` of the three photographs.
 
-    python tests/fp32_modes_report.py [--cases coco_like resnet101] [--markdown out.md]
+    python tests/fp32_modes_report.py [--cases coco_like resnet101] [--modes cpu_compile] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ CASES = {
     "resnext": dict(num_classes=11, frozen_bn=True, min_size=320, max_size=533, backbone="resnext50_32x4d"),
     "resnet101": dict(num_classes=91, frozen_bn=True, min_size=320, max_size=533, backbone="resnet101"),
 }
+#: per mode: (configuration changes, Predictor keyword arguments)
 MODES = {
-    "default (NCHW)": {},
-    "channels_last": {"cpu_memory_format": "channels_last"},
-    "fold_batch_norms": {"fold_batch_norms": True},
-    "channels_last + fold_batch_norms": {"cpu_memory_format": "channels_last", "fold_batch_norms": True},
+    "default (NCHW)": ({}, {}),
+    "channels_last": ({"cpu_memory_format": "channels_last"}, {}),
+    "fold_batch_norms": ({"fold_batch_norms": True}, {}),
+    "channels_last + fold_batch_norms": ({"cpu_memory_format": "channels_last", "fold_batch_norms": True}, {}),
+    "cpu_compile": ({}, {"cpu_compile": True}),
 }
 
 
@@ -57,7 +60,7 @@ def largest_score_difference(reference: dict, ours) -> float:
     return float((reference["scores"][matched] - ours.scores[j[matched]]).abs().max()) if matched.any() else float("nan")
 
 
-def report_case(name: str, spec: dict, images, folder: str) -> list[dict]:
+def report_case(name: str, spec: dict, images, folder: str, modes=tuple(MODES)) -> list[dict]:
     spec = dict(spec)
     legacy = spec.pop("legacy_keys", False)
     tv = make_torchvision_maskrcnn(**spec)
@@ -68,8 +71,9 @@ def report_case(name: str, spec: dict, images, folder: str) -> list[dict]:
         reference = tv([to_torchvision_input(im) for im in images])
     config = checkpoint_config(load_checkpoint(path)).replace(min_size=spec["min_size"], max_size=spec["max_size"])
     rows = []
-    for mode, changes in MODES.items():
-        predictor = Predictor(path, device="cpu", config=config.replace(**changes))
+    for mode in modes:
+        changes, options = MODES[mode]
+        predictor = Predictor(path, device="cpu", config=config.replace(**changes), **options)
         predictor.run(images)  # warm
         start = time.perf_counter()
         ours = predictor.run(images)
@@ -100,13 +104,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--markdown", help="write the table here")
     args = ap.parse_args(argv)
     images = photographs()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.cases:
-            rows += report_case(name, CASES[name], images, folder)
+            rows += report_case(name, CASES[name], images, folder, args.modes)
     text = markdown(rows)
     print(text)
     if args.markdown:

@@ -28,7 +28,6 @@ from engine.roi_heads import (
     MaskHead,
     MaskPredictor,
     postprocess_detections,
-    select_mask_probabilities,
 )
 from engine.rpn import BatchProposals, RPNHead, flatten_levels, select_proposals
 from kernels.roi_align import multilevel_roi_align
@@ -162,9 +161,10 @@ class MaskRCNN(nn.Module):
         """Box head and predictor: pooled [R, C, P, P] -> class logits [R, K], deltas [R, 4 * K_box]."""
         return self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
 
-    def _mask_logits(self, pooled: Tensor) -> Tensor:
-        """Mask head and predictor: pooled [R, C, 14, 14] -> mask logits [R, K_mask, 28, 28]."""
-        return self.roi_heads.mask_predictor(self.roi_heads.mask_head(pooled))
+    def _mask_logits(self, pooled: Tensor, labels: Tensor) -> Tensor:
+        """Mask head and predictor: pooled [R, C, 14, 14], labels int64 [R] -> each RoI's
+        own class channel of the mask logits [R, 28, 28]."""
+        return self.roi_heads.mask_predictor.selected_logits(self.roi_heads.mask_head(pooled), labels)
 
     def compile_networks(self) -> None:
         """Run the backbone with its FPN, the RPN head, and the box and mask heads through
@@ -331,8 +331,8 @@ class MaskRCNN(nn.Module):
         num_images, width = detections.scores.shape
         pooled = self.pool(features, detections.boxes, batch, output_size=self.config.mask_pool_size)
         with self._network_precision(pooled.device):
-            logits = self._compiled.get("mask_logits", self._mask_logits)(pooled).float()
-        probs = select_mask_probabilities(logits, detections.labels.reshape(-1))
+            logits = self._compiled.get("mask_logits", self._mask_logits)(pooled, detections.labels.reshape(-1))
+        probs = logits.float().sigmoid()
         return probs.view((num_images, width) + tuple(probs.shape[1:]))
 
     def mask_probabilities(

@@ -73,13 +73,16 @@ def test_each_compiled_part_is_one_graph(preset):
     with torch.inference_mode():
         features = model.backbone(images)
         parts = {
-            "backbone": (model.backbone, images),
-            "rpn_head": (model.rpn.head, features),
-            "box_outputs": (model._box_outputs, torch.randn(5, channels, config.box_pool_size, config.box_pool_size)),
-            "mask_logits": (model._mask_logits, torch.randn(5, channels, config.mask_pool_size, config.mask_pool_size)),
+            "backbone": (model.backbone, (images,)),
+            "rpn_head": (model.rpn.head, (features,)),
+            "box_outputs": (model._box_outputs, (torch.randn(5, channels, config.box_pool_size, config.box_pool_size),)),
+            "mask_logits": (
+                model._mask_logits,
+                (torch.randn(5, channels, config.mask_pool_size, config.mask_pool_size), torch.tensor([1, 0, 2, 1, 1])),
+            ),
         }
         for name, (part, example) in parts.items():
-            explained = torch._dynamo.explain(part)(example)
+            explained = torch._dynamo.explain(part)(*example)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
 
 

@@ -25,10 +25,11 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import torch  # noqa: E402
 
+from agreement import box_iou  # noqa: E402
 from checkpoints import legacy_state_dict, make_torchvision_maskrcnn, photographs, to_torchvision_input  # noqa: E402
 from engine import Predictor  # noqa: E402
 from engine.loading import checkpoint_config  # noqa: E402
-from test_parity_torchvision import assert_detections_match, box_iou  # noqa: E402
+from test_parity_torchvision import assert_detections_match  # noqa: E402
 from weights import load_checkpoint  # noqa: E402
 
 #: the fixtures of tests/test_parity_torchvision.py, as keyword arguments of make_torchvision_maskrcnn

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agreement import assert_runs_agree
 from checkpoints import photographs
 from engine import Predictor
 from engine.config import PRESETS
@@ -15,24 +16,14 @@ from tiny import TINY_CONFIG, tiny_state_dict
 
 
 def _has_cpp_compiler() -> bool:
-    from torch._inductor import cpp_builder
-
     try:
-        cpp_builder.get_cpp_compiler()
-    except Exception:
+        _check_cpu_compile(torch.device("cpu"))
+    except RuntimeError:
         return False
     return True
 
 
 needs_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
-
-
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 @needs_compiler
@@ -47,16 +38,7 @@ def test_compiled_network_gives_the_eager_detections_over_changing_shapes():
     # three batches of different padded sizes and detection counts: compiled once per shape, then dynamic
     total = 0
     for batch in ([photos[0]], [photos[1], photos[2]], [photos[2]]):
-        for a, b in zip(eager.run(batch), compiled.run(batch)):
-            assert len(a) == len(b)
-            total += len(a)
-            if len(a):
-                iou = _box_iou(a.boxes, b.boxes)
-                same = (a.labels[:, None] == b.labels[None, :]) & (iou > 0.99)
-                assert same.any(1).all(), "an eager detection has no compiled counterpart"
-                torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-4)
-                agree = (a.masks == b.masks).float().mean().item()
-                assert agree > 0.999, agree
+        total += assert_runs_agree(eager.run(batch), compiled.run(batch), what="eager run", mask_agreement_min=0.999)
     assert total > 0, "no detections: the comparison saw nothing"
 
 

@@ -6,20 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agreement import assert_runs_agree
 from checkpoints import photographs
 from engine import Predictor
 from engine.backbone import stem_max_pool
 from engine.config import PRESETS
 from engine.model import cpu_has_fast_kernels
 from tiny import TINY_CONFIG, tiny_state_dict
-
-
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 def test_every_preset_defaults_to_the_frameworks_arithmetic():
@@ -46,15 +39,7 @@ def test_channels_last_runs_channels_last_and_agrees_with_nchw():
     with torch.inference_mode():
         features = fast.model.features(batch)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
-    total = 0
-    for a, b in zip(nchw.run(images), fast.run(images)):
-        assert len(a) == len(b)
-        total += len(a)
-        if len(a):
-            iou = _box_iou(a.boxes, b.boxes)
-            same = (a.labels[:, None] == b.labels[None, :]) & (iou > 0.99)
-            assert same.any(1).all(), "a detection of the NCHW path has no channels-last counterpart"
-            torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-4)
+    total = assert_runs_agree(nchw.run(images), fast.run(images), what="NCHW path")
     assert total > 0, "no detections: the comparison saw nothing"
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from agreement import box_iou
 from checkpoints import make_torchvision_maskrcnn, photographs, to_torchvision_input, legacy_state_dict
 from engine import Predictor
 from engine.model import boxes_to_rois
@@ -24,15 +25,6 @@ from engine.loading import checkpoint_config
 from weights import load_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:

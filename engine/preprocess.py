@@ -166,14 +166,17 @@ def _normalize(image: Tensor, config: MaskRCNNConfig, *, float_resize: tuple[int
     the arithmetic runs in float64 and is rounded to float32 once, at the end.
     """
     wide = config.normalize_precision == "float64"
-    x = image.permute(2, 0, 1).to(torch.float64 if wide else torch.float32) / config.input_scale
+    x = image.permute(2, 0, 1)
     if config.channel_order == "BGR":
-        x = x.flip(0)
+        x = x.flip(0)  # on the uint8 pixels: the same values, a quarter of the bytes of a float copy
+    # one float copy of the image, then in place: an 8000x6000 image is 576 MB in float32, and
+    # torchvision's order (normalise, then resize) needs it whole; in-place ops round the same
+    x = x.to(torch.float64 if wide else torch.float32, copy=True).div_(config.input_scale)  # never the caller's
     if float_resize is not None and not config.normalize_before_resize:
         x = _resize(x, *float_resize)
     mean = upload(list(config.pixel_mean), dtype=x.dtype, device=x.device)
     std = upload(list(config.pixel_std), dtype=x.dtype, device=x.device)
-    x = (x - mean[:, None, None]) / std[:, None, None]
+    x = x.sub_(mean[:, None, None]).div_(std[:, None, None])
     if float_resize is not None and config.normalize_before_resize:
         x = _resize(x, *float_resize)
     return x.to(torch.float32)

@@ -324,13 +324,14 @@ def test_chunked_paste_through_triton(mask_format, monkeypatch):
 
 
 def test_plan_paste_chunks():
-    # CPU: one chunk when everything fits the budget, else greedy chunks of at most the budget.
+    # CPU: one chunk however large (the results are host memory; a chunk would copy them),
+    # unless max_chunk_bytes caps it: then greedy chunks of at most the cap.
     assert plan_paste_chunks([10, 20, 30], device_type="cpu") == ([(0, 3)], False)
+    huge = 3 << 30
+    assert plan_paste_chunks([huge, huge, huge], device_type="cpu") == ([(0, 3)], False)
     assert plan_paste_chunks([10, 20, 30], device_type="cpu", max_chunk_bytes=30) == ([(0, 2), (2, 3)], False)
     assert plan_paste_chunks([10, 20, 30], device_type="cpu", max_chunk_bytes=5) == ([(0, 1), (1, 2), (2, 3)], False)
     assert plan_paste_chunks([], device_type="cpu") == ([(0, 0)], False)
-    big = pp.DEFAULT_CPU_CHUNK_BYTES // 2 + 1
-    assert plan_paste_chunks([big, big, big], device_type="cpu") == ([(0, 1), (1, 2), (2, 3)], False)
     # CUDA, budget 80 % of free memory: all fits -> one launch straight into the results.
     assert plan_paste_chunks([100] * 10, device_type="cuda", free_bytes=2000) == ([(0, 10)], False)
     # results (1000) fit, leaving room for chunks of 1600 - 1000 = 600 bytes: results stay on the GPU.

@@ -30,7 +30,10 @@ photographs from scikit-image. Reported:
   predictor actors (Ray's start-up kept apart; each run's actor start reported separately),
   against a plain loop of ``Predictor.run`` over the same files (decode, run, nothing written),
   and the in-process job's time by step (decoding, waiting for it, predicting, encoding the RLEs
-  and rows, writing).
+  and rows, writing);
+- one large image (``--sections large_image``, 8000x6000 by default): the growth of the process's
+  peak resident memory (and the CUDA peak) over one ``run()`` of the bundled model, with full and
+  with box masks, each in a fresh process (Linux: read from /proc).
 
     python examples/benchmark.py --sections job --device cpu --markdown job.md
     python examples/benchmark.py --sections peers scaling --device cpu --warmup 1 --repeats 3 --markdown cpu.md
@@ -65,7 +68,7 @@ from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
 
-SECTIONS = ("end_to_end", "profile", "peers", "scaling", "kernels", "job")
+SECTIONS = ("end_to_end", "profile", "peers", "scaling", "kernels", "job", "large_image")
 PEER_NAMES = ("torchvision", "mmdetection")
 PROFILE_PRESETS = (
     "torchvision_maskrcnn_resnet50_fpn",
@@ -783,6 +786,85 @@ def job_markdown(job: dict) -> list[str]:
     return lines
 
 
+LARGE_IMAGE_FORMATS = ("full", "box")
+
+
+def large_image_child(height: int, width: int, mask_format: str, device: str) -> dict:
+    """In a fresh process (see :func:`bench_large_image`): one ``run()`` of the bundled model on a
+    ``height x width`` photograph, and how far it raised the process's peak memory."""
+    import cv2
+
+    from engine.bundled import shapes_predictor
+
+    def status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    dev = torch.device(device)
+    predictor = shapes_predictor(device=dev, mask_format=mask_format)
+    image = cv2.resize(photographs(1)[0], (width, height), interpolation=cv2.INTER_LINEAR)
+    predictor.run([image[: height // 8, : width // 8].copy()])  # kernels and weights loaded first
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    start_kib = status_kib("VmRSS")
+    start = time.perf_counter()
+    (result,) = predictor.run([image])
+    synchronize(dev)
+    seconds = time.perf_counter() - start
+    masks = result.masks
+    mask_bytes = masks.data.numel() if mask_format == "box" else masks.numel()
+    return {
+        "mask_format": mask_format,
+        "image": [height, width],
+        "input_bytes": int(image.nbytes),
+        "detections": int(result.scores.numel()),
+        "mask_bytes": int(mask_bytes),
+        "rss_growth_bytes": (status_kib("VmHWM") - start_kib) * 1024,
+        "cuda_peak_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+        "seconds": seconds,
+    }
+
+
+def bench_large_image(args, device) -> list[dict] | str:
+    """Peak memory of one large image, each mask format in its own fresh process (a long-lived
+    process keeps freed heap memory, which would hide the growth). Linux only: the peak is read
+    from /proc (VmHWM, reset through clear_refs)."""
+    import os
+    import subprocess
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        return "skipped: needs Linux's /proc/self/clear_refs"
+    height, width = args.large_image
+    rows = []
+    for mask_format in LARGE_IMAGE_FORMATS:
+        cmd = [sys.executable, __file__, "--large-image-child", mask_format, "--large-image", str(height), str(width), "--device", str(device)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def large_image_markdown(rows: list[dict] | str) -> list[str]:
+    if isinstance(rows, str):
+        return [f"Large image: {rows}"]
+    height, width = rows[0]["image"]
+    lines = [
+        f"One `run()` of the bundled model on a {height}x{width} photograph ({_mib(rows[0]['input_bytes'])} MiB as uint8), "
+        "growth of the process's peak resident memory, each mask format in a fresh process:",
+        "",
+        "| mask_format | detections | masks returned MiB | peak RSS growth MiB | CUDA peak MiB | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cuda = "-" if r["cuda_peak_bytes"] is None else _mib(r["cuda_peak_bytes"])
+        lines.append(
+            f"| {r['mask_format']} | {r['detections']} | {_mib(r['mask_bytes'])} | {_mib(r['rss_growth_bytes'])} | {cuda} | {r['seconds']:.2f} |"
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -800,6 +882,8 @@ def markdown(report: dict) -> str:
         lines += [""] + peers_markdown(report["peers"])
     if "scaling" in report:
         lines += [""] + scaling_markdown(report["scaling"])
+    if "large_image" in report:
+        lines += [""] + large_image_markdown(report["large_image"])
     if "kernels" in report:
         lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
         for row in report["kernels"]:
@@ -850,6 +934,8 @@ def parse_args(argv=None):
     ap.add_argument("--job-batch", type=int, default=4, help="job section: batch size")
     ap.add_argument("--job-window", type=int, default=8, help="job section: images per window (the unit of work of a Ray actor)")
     ap.add_argument("--job-ray-workers", type=int, nargs="+", default=None, help="job section: Ray actor counts (default: 1 2 on CPU, 1 on CUDA)")
+    ap.add_argument("--large-image", type=int, nargs=2, default=None, metavar=("H", "W"), help="large_image section: the image size (default 6000 8000; 600 800 with --smoke)")
+    ap.add_argument("--large-image-child", choices=LARGE_IMAGE_FORMATS, help=argparse.SUPPRESS)  # the section's fresh process
     ap.add_argument("--job-ray-cpus", type=int, default=None, help="job section: CPUs of the local Ray cluster (default: all)")
     args = ap.parse_args(argv)
     import os
@@ -860,6 +946,8 @@ def parse_args(argv=None):
         args.job_ray_workers = [1] if args.device.startswith("cuda") else [1, 2]
     stage_batch, peer_batch = args.stage_batch, args.peer_batch
     scaling_batches, scaling_sizes = args.scaling_batches, args.scaling_sizes
+    large_image = args.large_image
+    args.large_image = large_image or [6000, 8000]
     args.image_scale, args.stage_batch, args.config = 1.0, stage_batch or 8, None
     args.peer_batch, args.scaling_batches, args.scaling_sizes = peer_batch or 4, scaling_batches or [1, 2, 4, 8], scaling_sizes or [480, 640, 800, 1024]
     args.kernel_batch, args.kernel_image, args.kernel_channels = 8, (800, 1216), 256
@@ -874,11 +962,15 @@ def parse_args(argv=None):
         args.kernel_batch, args.kernel_image, args.kernel_channels = 2, (64, 96), 8
         args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 6, 4, (40, 60), 60
         args.job_images, args.warmup_job, args.repeats_job = min(args.job_images, 6), 0, 1
+        args.large_image = large_image or [600, 800]
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.large_image_child is not None:  # the large_image section's fresh process
+        print(json.dumps(large_image_child(*args.large_image, args.large_image_child, args.device)))
+        return {}
     device = torch.device(args.device)
     bf16_rows = "end_to_end" in args.sections
     if bf16_rows and device.type == "cpu" and args.fast_precision == "bf16" and not cpu_has_fast_kernels("bf16"):
@@ -906,6 +998,8 @@ def main(argv=None) -> dict:
         report["kernels"] = bench_kernels(args, device)
     if "job" in args.sections:
         report["job"] = bench_job(args, device)
+    if "large_image" in args.sections:
+        report["large_image"] = bench_large_image(args, device)
     table = markdown(report)
     print(table)
     if args.json:

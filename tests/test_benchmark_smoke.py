@@ -115,3 +115,21 @@ def test_benchmark_peers_and_scaling_sections_smoke(tmp_path):
     assert [r["threads"] for r in scaling["threads"]] == sorted({1, report["environment"]["torch_threads"]})
     table = out_md.read_text()
     assert "speed vs peer" in table and "a mixed batch run as" in table
+
+
+def test_benchmark_large_image_section_smoke(tmp_path):
+    """One large image per mask format, each in a fresh process: the peak RSS growth is reported
+    and covers at least the masks returned (full masks: detections x H x W bytes)."""
+    bench = _load_benchmark()
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--smoke", "--sections", "large_image", "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md)])
+    rows = json.loads(out_json.read_text())["large_image"]
+    if isinstance(rows, str):
+        pytest.skip(rows)
+    assert [r["mask_format"] for r in rows] == ["full", "box"]
+    full, box = rows
+    assert full["image"] == [600, 800] and full["input_bytes"] == 600 * 800 * 3
+    assert full["mask_bytes"] == full["detections"] * 600 * 800
+    assert full["rss_growth_bytes"] >= full["mask_bytes"] and full["cuda_peak_bytes"] is None
+    assert box["detections"] == full["detections"] and box["mask_bytes"] <= full["mask_bytes"]
+    assert "peak RSS growth MiB" in out_md.read_text()

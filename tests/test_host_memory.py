@@ -1,11 +1,6 @@
 """engine.host_memory: freed large blocks are reused during a CPU run, and the results stay the same."""
 
-import json
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +8,8 @@ import torch
 
 from engine import Predictor, host_memory
 from engine.predictor import STAGES
+from fresh_process import run_probe
 from tiny import TINY_CONFIG, tiny_state_dict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 needs_glibc = pytest.mark.skipif(not host_memory.available(), reason="the malloc settings exist under glibc only")
 
@@ -48,16 +42,7 @@ print(json.dumps({"pages": BLOCK_BYTES // 4096, "plain": plain, "reused": reused
 
 @needs_glibc
 def test_freed_blocks_are_reused_inside_the_scope_only():
-    done = subprocess.run(
-        [sys.executable, "-c", FAULT_PROBE],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    faults = json.loads(done.stdout.strip().splitlines()[-1])
+    faults = run_probe(FAULT_PROBE)
     pages = faults["pages"]
     assert faults["plain"] >= 1.5 * pages, f"each fresh block should fault its pages in: {faults}"
     assert faults["reused"] < 0.1 * pages, faults

@@ -5,11 +5,7 @@ torchvision normalises before it resizes, so the engine needs the whole image in
 held three such copies at once (an 8000x6000 photograph: 1.65 GB for a 137 MB input).
 """
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +13,7 @@ import torch
 
 from engine.config import DETECTRON2_MASK_RCNN_R50_FPN, TORCHVISION_MASKRCNN_R50_FPN
 from engine.preprocess import normalize_and_resize, preprocess
-
-ROOT = Path(__file__).resolve().parents[1]
+from fresh_process import run_probe
 
 # Peak resident memory is read from /proc (VmHWM, reset by writing 5 to clear_refs): Linux only.
 can_reset_peak = pytest.mark.skipif(
@@ -49,16 +44,7 @@ print(json.dumps({"growth": (kib("VmHWM") - start) * 1024, "float_copy": image.s
 @can_reset_peak
 @pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
 def test_torchvision_order_holds_one_float_copy(channel_order):
-    done = subprocess.run(
-        [sys.executable, "-c", PEAK_PROBE, "TORCHVISION_MASKRCNN_R50_FPN", channel_order],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    peak = run_probe(PEAK_PROBE, "TORCHVISION_MASKRCNN_R50_FPN", channel_order)
     # one float copy (and, for BGR, a uint8 one); three copies before the in-place normalisation
     assert peak["growth"] < 1.5 * peak["float_copy"], peak
 

@@ -18,7 +18,7 @@ import engine.postprocess as pp
 from conftest import kernel_devices
 from engine.config import MaskRCNNConfig
 from engine.postprocess import plan_paste_chunks, to_original_frame
-from engine.results import BoxMasks, Detections, _crop_rle_counts
+from engine.results import BoxMasks, _crop_rle_counts
 from engine.roi_heads import ImageDetections
 from kernels.paste_masks import paste_masks_reference
 

@@ -369,6 +369,11 @@ def _roi_align_one_level(flat: Tensor, hw: tuple, rois: Tensor, geometry: tuple,
     decreasing ``grid_h * grid_w``: sample step j (row-major over the grid) then
     concerns a prefix of the RoIs, so no work is spent on absent samples.
     Returns float32 [n, C, out, out].
+
+    The sample positions, corner rows and weights of every (step, RoI) pair are computed at
+    once, before the loop over the steps, which then only gathers, weighs and adds (per step
+    and bin: ``((w1 v1 + w2 v2) + w3 v3) + w4 v4`` added to the bin's sum, the float order of
+    torchvision's and mmcv's CPU kernels).
     """
     H, W = hw
     C = flat.shape[1]
@@ -378,39 +383,43 @@ def _roi_align_one_level(flat: Tensor, hw: tuple, rois: Tensor, geometry: tuple,
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = geometry
     steps = (grid_h * grid_w).clamp_min(0)
     count = steps.clamp_min(1).to(f32)
-    gh_f = grid_h.to(f32)
-    gw_f = grid_w.to(f32)
-    gw_div = grid_w.clamp_min(1)
-    pos = torch.arange(out, dtype=f32, device=dev)
-    base_y = start_h[:, None] + pos[None, :] * bin_h[:, None]  # [n, out]
-    base_x = start_w[:, None] + pos[None, :] * bin_w[:, None]
-    row0 = (rois[:, 0].to(torch.int64) * (H * W))[:, None, None]  # first row of the RoI's image
-    zero = torch.zeros((), dtype=f32, device=dev)
     oo = out * out
-
     acc = torch.zeros((n * oo, C), dtype=f32, device=dev)
-    steps_list = steps.tolist()
-    n_steps = steps_list[0] if n else 0
-    active = n
-    for j in range(n_steps):
-        while active > 0 and steps_list[active - 1] <= j:
-            active -= 1
-        k = active
-        iy = torch.div(j, gw_div[:k], rounding_mode="floor")
-        ix = j - iy * gw_div[:k]
-        y = base_y[:k] + (((iy.to(f32) + 0.5) * bin_h[:k]) / gh_f[:k])[:, None]
-        x = base_x[:k] + (((ix.to(f32) + 0.5) * bin_w[:k]) / gw_f[:k])[:, None]
+    n_steps = int(steps[0]) if n else 0
+    if n_steps:
+        # every pair (step j, RoI r) with j < steps[r], ordered by j then r: step j's pairs are
+        # RoIs 0 .. k_j - 1, whose bins are the first k_j * out * out rows of acc
+        step_of, roi_of = torch.nonzero(torch.arange(n_steps, device=dev)[:, None] < steps[None, :], as_tuple=True)
+        pairs_per_step = torch.bincount(step_of, minlength=n_steps).tolist()
+        gw_div = grid_w.clamp_min(1)[roi_of]
+        iy = torch.div(step_of, gw_div, rounding_mode="floor")
+        ix = step_of - iy * gw_div
+        bh, bw = bin_h[roi_of], bin_w[roi_of]
+        pos = torch.arange(out, dtype=f32, device=dev)
+        base_y = start_h[roi_of, None] + pos[None, :] * bh[:, None]  # [pairs, out]
+        base_x = start_w[roi_of, None] + pos[None, :] * bw[:, None]
+        y = base_y + (((iy.to(f32) + 0.5) * bh) / grid_h[roi_of].to(f32))[:, None]
+        x = base_x + (((ix.to(f32) + 0.5) * bw) / grid_w[roi_of].to(f32))[:, None]
         vy, ylo, yhi, ly, hy = _axis_corners(y, H)
         vx, xlo, xhi, lx, hx = _axis_corners(x, W)
-        ok = vy[:, :, None] & vx[:, None, :]  # [k, out, out]
-        terms = None
+        ok = vy[:, :, None] & vx[:, None, :]  # [pairs, out, out]
+        row0 = (rois[roi_of, 0].to(torch.int64) * (H * W))[:, None, None]  # first row of the RoI's image
+        zero = torch.zeros((), dtype=f32, device=dev)
+        corners = []  # (weight [pairs * out * out, 1], row [pairs * out * out]) per bilinear corner
         for wy, wx, ry, rx in ((hy, hx, ylo, xlo), (hy, lx, ylo, xhi), (ly, hx, yhi, xlo), (ly, lx, yhi, xhi)):
-            w = torch.where(ok, wy[:, :, None] * wx[:, None, :], zero).reshape(-1, 1)
-            idx = torch.where(ok, row0[:k] + ry[:, :, None] * W + rx[:, None, :], row0[:k])
-            v = flat.index_select(0, idx.reshape(-1))
-            v.mul_(w)
-            terms = v if terms is None else terms.add_(v)
-        acc[: k * oo].add_(terms)
+            weight = torch.where(ok, wy[:, :, None] * wx[:, None, :], zero).reshape(-1, 1)
+            row = torch.where(ok, row0 + ry[:, :, None] * W + rx[:, None, :], row0).reshape(-1)
+            corners.append((weight, row))
+        begin = 0
+        for pairs in pairs_per_step:
+            end = begin + pairs * oo
+            terms = None
+            for weight, row in corners:
+                v = flat.index_select(0, row[begin:end])
+                v.mul_(weight[begin:end])
+                terms = v if terms is None else terms.add_(v)
+            acc[: pairs * oo].add_(terms)
+            begin = end
     acc = acc.view(n, oo, C) / count[:, None, None]
     return acc.permute(0, 2, 1).reshape(n, C, out, out)
 

@@ -318,6 +318,8 @@ def _empty_output(features, rois, output_size) -> Tensor:
 # Elements of one [rows, C] gather buffer; bounds the reference's working memory
 # (about 8 such buffers live at once).
 _REFERENCE_CHUNK_ELEMENTS = 1 << 20
+#: bins (sample step x RoI x output cell) whose corner tables the RoIAlign reference builds at once (48 bytes each)
+_SAMPLE_BLOCK_BINS = 1 << 18
 
 
 def _axis_corners(coord: Tensor, size: int):
@@ -362,6 +364,37 @@ def _roi_geometry(rois: Tensor, scale: float, out: int, sampling_ratio: int, ali
     return start_h, start_w, bin_h, bin_w, grid_h, grid_w
 
 
+def _sample_corners(step_of: Tensor, roi_of: Tensor, rois: Tensor, geometry: tuple, hw: tuple, out: int) -> list:
+    """The four bilinear corners of every bin of the (sample step, RoI) pairs ``(step_of[i], roi_of[i])``:
+    per corner ``(weight, row)``, float32 ``[pairs * out * out, 1]`` and int64 ``[pairs * out * out]``
+    (rows of the ``[B*H*W, C]`` map; weight 0 for samples off the map), with torchvision's float32
+    arithmetic for the sample positions."""
+    H, W = hw
+    f32 = torch.float32
+    dev = rois.device
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w = geometry
+    gw_div = grid_w.clamp_min(1)[roi_of]
+    iy = torch.div(step_of, gw_div, rounding_mode="floor")
+    ix = step_of - iy * gw_div
+    bh, bw = bin_h[roi_of], bin_w[roi_of]
+    pos = torch.arange(out, dtype=f32, device=dev)
+    base_y = start_h[roi_of, None] + pos[None, :] * bh[:, None]  # [pairs, out]
+    base_x = start_w[roi_of, None] + pos[None, :] * bw[:, None]
+    y = base_y + (((iy.to(f32) + 0.5) * bh) / grid_h[roi_of].to(f32))[:, None]
+    x = base_x + (((ix.to(f32) + 0.5) * bw) / grid_w[roi_of].to(f32))[:, None]
+    vy, ylo, yhi, ly, hy = _axis_corners(y, H)
+    vx, xlo, xhi, lx, hx = _axis_corners(x, W)
+    ok = vy[:, :, None] & vx[:, None, :]  # [pairs, out, out]
+    row0 = (rois[roi_of, 0].to(torch.int64) * (H * W))[:, None, None]  # first row of the RoI's image
+    zero = torch.zeros((), dtype=f32, device=dev)
+    corners = []
+    for wy, wx, ry, rx in ((hy, hx, ylo, xlo), (hy, lx, ylo, xhi), (ly, hx, yhi, xlo), (ly, lx, yhi, xhi)):
+        weight = torch.where(ok, wy[:, :, None] * wx[:, None, :], zero).reshape(-1, 1)
+        row = torch.where(ok, row0 + ry[:, :, None] * W + rx[:, None, :], row0).reshape(-1)
+        corners.append((weight, row))
+    return corners
+
+
 def _roi_align_one_level(flat: Tensor, hw: tuple, rois: Tensor, geometry: tuple, out: int) -> Tensor:
     """torchvision roi_align of ``rois`` [n, 5] on one level; ``flat`` is the map as [B*H*W, C].
 
@@ -370,56 +403,41 @@ def _roi_align_one_level(flat: Tensor, hw: tuple, rois: Tensor, geometry: tuple,
     concerns a prefix of the RoIs, so no work is spent on absent samples.
     Returns float32 [n, C, out, out].
 
-    The sample positions, corner rows and weights of every (step, RoI) pair are computed at
-    once, before the loop over the steps, which then only gathers, weighs and adds (per step
-    and bin: ``((w1 v1 + w2 v2) + w3 v3) + w4 v4`` added to the bin's sum, the float order of
-    torchvision's and mmcv's CPU kernels).
+    The corners and weights of a block of sample steps are computed at once
+    (:func:`_sample_corners`, at most :data:`_SAMPLE_BLOCK_BINS` bins a block); the loop over the
+    steps then only gathers, weighs and adds: per step and bin ``((w1 v1 + w2 v2) + w3 v3) + w4 v4``
+    added to the bin's sum, the float order of torchvision's and mmcv's CPU kernels.
     """
-    H, W = hw
     C = flat.shape[1]
     n = rois.shape[0]
     dev = rois.device
-    f32 = torch.float32
-    start_h, start_w, bin_h, bin_w, grid_h, grid_w = geometry
-    steps = (grid_h * grid_w).clamp_min(0)
-    count = steps.clamp_min(1).to(f32)
+    steps = (geometry[4] * geometry[5]).clamp_min(0)
+    count = steps.clamp_min(1).to(torch.float32)
     oo = out * out
-    acc = torch.zeros((n * oo, C), dtype=f32, device=dev)
+    acc = torch.zeros((n * oo, C), dtype=torch.float32, device=dev)
     n_steps = int(steps[0]) if n else 0
-    if n_steps:
-        # every pair (step j, RoI r) with j < steps[r], ordered by j then r: step j's pairs are
-        # RoIs 0 .. k_j - 1, whose bins are the first k_j * out * out rows of acc
-        step_of, roi_of = torch.nonzero(torch.arange(n_steps, device=dev)[:, None] < steps[None, :], as_tuple=True)
-        pairs_per_step = torch.bincount(step_of, minlength=n_steps).tolist()
-        gw_div = grid_w.clamp_min(1)[roi_of]
-        iy = torch.div(step_of, gw_div, rounding_mode="floor")
-        ix = step_of - iy * gw_div
-        bh, bw = bin_h[roi_of], bin_w[roi_of]
-        pos = torch.arange(out, dtype=f32, device=dev)
-        base_y = start_h[roi_of, None] + pos[None, :] * bh[:, None]  # [pairs, out]
-        base_x = start_w[roi_of, None] + pos[None, :] * bw[:, None]
-        y = base_y + (((iy.to(f32) + 0.5) * bh) / grid_h[roi_of].to(f32))[:, None]
-        x = base_x + (((ix.to(f32) + 0.5) * bw) / grid_w[roi_of].to(f32))[:, None]
-        vy, ylo, yhi, ly, hy = _axis_corners(y, H)
-        vx, xlo, xhi, lx, hx = _axis_corners(x, W)
-        ok = vy[:, :, None] & vx[:, None, :]  # [pairs, out, out]
-        row0 = (rois[roi_of, 0].to(torch.int64) * (H * W))[:, None, None]  # first row of the RoI's image
-        zero = torch.zeros((), dtype=f32, device=dev)
-        corners = []  # (weight [pairs * out * out, 1], row [pairs * out * out]) per bilinear corner
-        for wy, wx, ry, rx in ((hy, hx, ylo, xlo), (hy, lx, ylo, xhi), (ly, hx, yhi, xlo), (ly, lx, yhi, xhi)):
-            weight = torch.where(ok, wy[:, :, None] * wx[:, None, :], zero).reshape(-1, 1)
-            row = torch.where(ok, row0 + ry[:, :, None] * W + rx[:, None, :], row0).reshape(-1)
-            corners.append((weight, row))
+    # step j concerns RoIs 0 .. k_j - 1 (those with more than j steps), the first k_j * oo rows of acc
+    rois_per_step = (steps[None, :] > torch.arange(n_steps, device=dev)[:, None]).sum(1).tolist()
+    first = 0
+    while first < n_steps:
+        last, bins = first, 0
+        while last < n_steps and (last == first or bins + rois_per_step[last] * oo <= _SAMPLE_BLOCK_BINS):
+            bins += rois_per_step[last] * oo
+            last += 1
+        # the (step, RoI) pairs of steps first .. last - 1, ordered by step then RoI
+        step_of, roi_of = torch.nonzero(torch.arange(first, last, device=dev)[:, None] < steps[None, :], as_tuple=True)
+        corners = _sample_corners(step_of + first, roi_of, rois, geometry, hw, out)
         begin = 0
-        for pairs in pairs_per_step:
-            end = begin + pairs * oo
+        for k in rois_per_step[first:last]:
+            end = begin + k * oo
             terms = None
             for weight, row in corners:
                 v = flat.index_select(0, row[begin:end])
                 v.mul_(weight[begin:end])
                 terms = v if terms is None else terms.add_(v)
-            acc[: pairs * oo].add_(terms)
+            acc[: k * oo].add_(terms)
             begin = end
+        first = last
     acc = acc.view(n, oo, C) / count[:, None, None]
     return acc.permute(0, 2, 1).reshape(n, C, out, out)
 

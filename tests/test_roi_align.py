@@ -143,6 +143,23 @@ def test_reference_matches_roi_align_on_odd_maps_and_awkward_boxes():
             assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("block_bins", [1, 49 * 3 + 1, 1 << 30])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_reference_sample_blocks_do_not_change_a_bit(monkeypatch, block_bins, sampling_ratio):
+    # the sample steps' corner tables are built a block at a time: one step per block, blocks cut
+    # mid-way through the steps, or all steps at once must give the same floats
+    import kernels.roi_align as roi_align_module
+
+    image_hw = (120, 150)
+    feats = fpn_features(2, 4, image_hw)
+    rois = torch.cat([to_rois([random_boxes(25, image_hw, max_side=400.0) for _ in range(2)]), edge_case_rois(batch=2)])
+    kw = dict(output_size=7, sampling_ratio=sampling_ratio, aligned=True, level_rule=MMDET)
+    expected = run(multilevel_roi_align_reference, feats, rois, **kw)
+    monkeypatch.setattr(roi_align_module, "_SAMPLE_BLOCK_BINS", block_bins)
+    assert torch.equal(run(multilevel_roi_align_reference, feats, rois, **kw), expected)
+    assert_close(expected, per_level_torchvision(feats, rois, output_size=7, sampling_ratio=sampling_ratio, aligned=True, level_rule=MMDET))
+
+
 # --------------------------------------------------------------------------------------
 # Triton vs reference
 # --------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from agreement import box_iou  # noqa: E402  (tests/, on the path above)
 from engine import Predictor  # noqa: E402
 from engine import host_memory  # noqa: E402
 from engine.model import cpu_has_fast_kernels  # noqa: E402
@@ -263,15 +264,6 @@ def photographs(count: int, *, scale: float = 1.0) -> list[np.ndarray]:
 
         images = [cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) for im in images]
     return [images[i % len(images)] for i in range(count)]
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def agreement(reference: list[dict], ours: list, *, box_iou_min: float = 0.95) -> dict:

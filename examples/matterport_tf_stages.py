@@ -258,7 +258,7 @@ def matched_fraction(theirs: dict, ours) -> float | None:
     our_boxes = ours.boxes.numpy()[:, [1, 0, 3, 2]]  # y1 x1 y2 x2, as matterport
     import torch
 
-    from benchmark import box_iou
+    from agreement import box_iou
 
     iou = box_iou(torch.from_numpy(theirs["rois"]).double(), torch.from_numpy(our_boxes).double()).numpy()
     same = theirs["class_ids"][:, None] == ours.labels.numpy()[None, :]

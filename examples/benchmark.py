@@ -843,7 +843,7 @@ def large_image_markdown(rows: list[dict] | str) -> list[str]:
         return [f"Large image: {rows}"]
     height, width = rows[0]["image"]
     lines = [
-        f"One `run()` of the bundled model on a {height}x{width} photograph ({_mib(rows[0]['input_bytes'])} MiB as uint8), "
+        f"One `run()` of the bundled model on a {width}x{height} (width x height) photograph ({_mib(rows[0]['input_bytes'])} MiB as uint8), "
         "growth of the process's peak resident memory, each mask format in a fresh process:",
         "",
         "| mask_format | detections | masks returned MiB | peak RSS growth MiB | CUDA peak MiB | s |",

@@ -22,8 +22,9 @@ Chunking: the paste runs over at most K detections per launch, K chosen so that 
 output fits a byte budget: on CUDA 80 % of free device memory (``torch.cuda.mem_get_info``
 plus what torch's caching allocator holds unused); on CPU no budget, as the results are in host
 memory anyway and a chunk would only add its own copy of them (an 8000x6000 image with 23
-detections pasted in two chunks peaked at twice its 1 GiB of masks); ``max_chunk_bytes`` caps it. When everything fits one chunk (the usual case) the kernel writes
-the results directly, with no copy. Otherwise each chunk is pasted and copied into the
+detections pasted in two chunks peaked at twice its 1 GiB of masks); ``max_chunk_bytes`` caps
+it. When everything fits one chunk (the usual case) the kernel writes the results directly,
+with no copy. Otherwise each chunk is pasted and copied into the
 results, which are allocated up front: on the device when they fit beside a chunk, else
 (CUDA only) in pinned host memory, each chunk's masks being copied there as it is produced.
 In that case the returned :class:`Detections` live on the CPU (all their tensors), and the
@@ -113,9 +114,8 @@ def plan_paste_chunks(
             raise ValueError("free_bytes is needed for device_type='cuda'")
         budget = int(free_bytes * CUDA_FREE_FRACTION)
     else:
-        budget = None  # CPU: the results are host memory already; chunks would only copy them
-    caps = [c for c in (budget, max_chunk_bytes) if c is not None]
-    cap = min(caps) if caps else total
+        budget = total  # CPU: the results are host memory already; chunks would only copy them
+    cap = budget if max_chunk_bytes is None else min(budget, max_chunk_bytes)
     if total <= cap:
         return [(0, n)], False
     to_host = False

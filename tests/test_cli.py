@@ -121,7 +121,8 @@ def test_bad_files_are_errors_and_the_rest_is_there(images_dir, tmp_path):
     assert code == 0
     errors = _rows(out / "errors.jsonl")
     assert set(errors) == {"empty.jpg", "corrupt.png", "notes.txt"}
-    assert "empty" in errors["empty.jpg"]["error"] and "decode" in errors["corrupt.png"]["error"]
+    assert "empty" in errors["empty.jpg"]["error"] and "corrupt" in errors["corrupt.png"]["error"]
+    assert {e["kind"] for e in errors.values()} == {"permanent"}
     assert set(_rows(out / "predictions.jsonl")) == {f.image_id for f in collect_inputs([str(images_dir)]) if f.path.name.startswith("img")}
     # a rerun has nothing left to do
     before = (out / "predictions.jsonl").read_bytes()

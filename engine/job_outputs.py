@@ -2,15 +2,22 @@
 
 - ``predictions.jsonl`` (``format="jsonl"``): one JSON line per image, appended and made durable
   (flush + fsync) after each batch. A run killed mid-write leaves at most a torn last line,
-  which :func:`read_done_ids` cuts off.
+  which the next writer cuts off (:func:`repair_for_append`) and every reader leaves out.
 - ``predictions.parquet/`` (``format="parquet"``): the same rows as Parquet shards
   ``part-NNNNNN.parquet`` (pyarrow), a shard per ``rows_per_shard`` images and one at the end,
   each written to a hidden ``.part-NNNNNN.parquet.tmp`` and renamed into place, so a shard is
   whole or absent. A killed run loses at most the rows not yet in a shard; the rerun predicts
   them again. The folder reads as one data set (``pyarrow.parquet.read_table``,
   ``pandas.read_parquet``, ``ray.data.read_parquet``): hidden files are skipped.
-- ``errors.jsonl``: one JSON line per input that could not be read or decoded.
-- ``run.json``: written by rename at the end of a run.
+- ``errors.jsonl``: one JSON line per input that could not be read, decoded or predicted:
+  ``image_id``, ``file``, ``error`` (for a person), ``reason`` and ``kind`` (``"permanent"`` or
+  ``"transient"``; see :func:`engine.batch_job.error_fields`).
+- ``run.json``: the settings that decide the rows, checked by a resume (:func:`check_settings`),
+  written by rename at the start of a run and at its end with the counts and the folder's totals.
+- ``.lock`` and ``.lock.holder.json``: one writer at a time (:class:`OutputLock`).
+
+Writers hold the lock; readers (:func:`read_index`, :func:`iter_predictions`) never modify the
+folder, so ``to-coco`` can run beside a live job.
 
 Rows (both formats): ``image_id`` (str), ``file`` (str), ``height``, ``width`` (int) and
 ``detections``, a list of ``bbox`` (COCO ``[x, y, w, h]`` float64), ``score`` (float64),

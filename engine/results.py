@@ -112,6 +112,72 @@ def _as_index_list(indices, n: int) -> list[int]:
     return out
 
 
+def _selection(item, n: int) -> slice | Tensor:
+    """Which of ``n`` detections ``item`` selects, as Detectron2's ``Instances.__getitem__``
+    (detectron2/structures/instances.py) takes it: a slice, or an int64 1-D CPU tensor of
+    positions in [0, n), in the order given (repeats allowed).
+
+    - ``int`` (a Python, numpy or 0-d torch integer; negative counts from the end): that one
+      detection, kept as a length-1 selection (Detectron2 turns it into ``slice(i, None, n)``);
+    - ``slice``: a ``slice`` with a positive step (tensors give views); a negative step gives
+      positions;
+    - a boolean mask (torch tensor, numpy array or list of bools) of shape [n];
+    - integers as a 1-D torch tensor, numpy array, list or tuple (negative counts from the end).
+
+    Raises:
+        IndexError: an integer outside [-n, n), or a boolean mask whose shape is not [n].
+        TypeError: a bool scalar, floats, a tensor of more than one dimension, or another type.
+    """
+    if isinstance(item, slice):
+        positions = range(n)[item]
+        if positions.step > 0:
+            return slice(positions.start, positions.stop, positions.step)
+        return torch.tensor(list(positions), dtype=torch.int64)
+    if isinstance(item, (bool, np.bool_)) or (isinstance(item, Tensor) and item.dtype == torch.bool and item.dim() == 0):
+        raise TypeError(f"a bool scalar does not select detections; use a boolean mask of shape [{n}]")
+    if isinstance(item, (int, np.integer)) or (isinstance(item, Tensor) and item.dim() == 0 and not item.is_floating_point()):
+        i = operator.index(item.item() if isinstance(item, Tensor) else item)
+        if not -n <= i < n:
+            raise IndexError(f"detection index {i} out of range for {n} detections")
+        i %= n
+        return slice(i, i + 1, 1)
+    if isinstance(item, Tensor):
+        index = item.detach()
+    elif isinstance(item, np.ndarray):
+        if item.dtype.kind not in "biu":
+            raise TypeError(f"detections are selected by integers or a boolean mask; got a numpy array of {item.dtype}")
+        index = torch.from_numpy(np.ascontiguousarray(item))
+    elif isinstance(item, (list, tuple)):
+        if any(isinstance(v, (bool, np.bool_)) for v in item) and not all(isinstance(v, (bool, np.bool_)) for v in item):
+            raise TypeError("a list that selects detections holds either bools (a mask) or ints, not both")
+        try:
+            index = torch.tensor([operator.index(v) for v in item] if item else [], dtype=torch.int64)
+        except TypeError:
+            raise TypeError(f"detections are selected by integers or a boolean mask; got {item!r}") from None
+        if item and isinstance(item[0], (bool, np.bool_)):
+            index = index.bool()
+    else:
+        raise TypeError(
+            "Detections are selected by an int, a slice, a boolean mask or integer indices "
+            f"(torch tensor, numpy array or list); got {type(item).__name__}"
+        )
+    if index.dtype == torch.bool:
+        if tuple(index.shape) != (n,):
+            raise IndexError(f"a boolean mask of shape {tuple(index.shape)} does not fit {n} detections (needs [{n}])")
+        return index.cpu().nonzero().reshape(-1)
+    if index.is_floating_point() or index.is_complex():
+        if index.numel():
+            raise TypeError(f"detections are selected by integers or a boolean mask; got a tensor of {index.dtype}")
+        index = index.to(torch.int64)
+    if index.dim() != 1:
+        raise TypeError(f"integer indices that select detections must be 1-D; got shape {tuple(index.shape)}")
+    index = index.cpu().to(torch.int64)
+    bad = (index < -n) | (index >= n)
+    if bool(bad.any()):
+        raise IndexError(f"detection index {int(index[bad][0])} out of range for {n} detections")
+    return index % n if n else index
+
+
 class BoxMasks:
     """Box-local instance masks of one image: per detection, the crop of its full-size mask
     inside its paste region.
@@ -244,6 +310,28 @@ class BoxMasks:
         ]
         return torch.stack(sums)
 
+    def select(self, item) -> "BoxMasks":
+        """The masks of the detections ``item`` selects, as a new :class:`BoxMasks` of the same
+        image: ``item`` is an int, a slice, a boolean mask of shape [N] or integer indices (the
+        forms of Detectron2's ``Instances.__getitem__``; see :meth:`Detections.__getitem__`).
+
+        The selected crops are copied, back to back, into a new :attr:`data` on :attr:`device`
+        (so :attr:`nbytes` counts only them); the table rows keep each crop's region. An empty
+        selection gives an empty BoxMasks.
+
+        Raises:
+            IndexError: an index outside [-N, N), or a boolean mask whose shape is not [N].
+            TypeError: an index of another kind (floats, a bool scalar, 2-D indices).
+        """
+        n = len(self)
+        chosen = _selection(item, n)
+        rows = self._table[chosen] if isinstance(chosen, slice) else self._table.index_select(0, chosen)
+        sizes = rows[:, 3] * rows[:, 4]
+        pieces = [self._data[off : off + size] for off, size in zip(rows[:, 0].tolist(), sizes.tolist())]
+        data = torch.cat(pieces) if pieces else self._data.new_zeros((0,))
+        table = torch.cat(((torch.cumsum(sizes, 0) - sizes)[:, None], rows[:, 1:]), 1)
+        return BoxMasks(data, table, self._image_size)
+
     def to(self, device: torch.device | str) -> "BoxMasks":
         """A copy with :attr:`data` on ``device`` (the table stays on the CPU)."""
         return BoxMasks(self._data.to(device), self._table, self._image_size)
@@ -323,6 +411,40 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def __getitem__(self, item) -> "Detections":
+        """The detections ``item`` selects, as a new :class:`Detections` of the same image, like
+        Detectron2's ``Instances.__getitem__`` (detectron2/structures/instances.py)::
+
+            d[d.scores > 0.5]            # boolean mask, torch.bool [N] (numpy or a list of bools too)
+            d[d.labels == 1]
+            d[3], d[-1]                  # one detection, as a Detections of length 1 (as Detectron2)
+            d[1:4], d[::-1]              # slices (out-of-range bounds clip, as for lists)
+            d[torch.tensor([0, 2])]      # integer indices: torch int tensor, numpy array, list
+
+        Every field is indexed alike: ``boxes`` [n, 4], ``scores`` [n], ``labels`` [n] and the
+        masks, bool [n, H, W] or a :class:`BoxMasks` (:meth:`BoxMasks.select`); ``image_size``
+        is kept. Slices with a positive step and ints give views of the tensors (as torch
+        slicing, and as Detectron2, whose int becomes ``slice(i, None, N)``); boolean masks and
+        index lists give copies. A selection of nothing gives an empty Detections.
+
+        Raises:
+            IndexError: an int or index outside [-N, N), or a boolean mask whose shape is not [N].
+            TypeError: floats, a bool scalar, indices of more than one dimension, another type.
+        """
+        chosen = _selection(item, len(self))
+
+        def pick(t: Tensor) -> Tensor:
+            return t[chosen] if isinstance(chosen, slice) else t.index_select(0, chosen.to(t.device))
+
+        masks = self.masks.select(chosen) if isinstance(self.masks, BoxMasks) else pick(self.masks)
+        return Detections(
+            boxes=pick(self.boxes), scores=pick(self.scores), labels=pick(self.labels), masks=masks, image_size=self.image_size
+        )
+
+    def __iter__(self):
+        """Not iterable, as Detectron2's ``Instances``: index it (``d[i]``, ``d[mask]``) or use its tensors."""
+        raise TypeError("Detections is not iterable; select with d[i], d[a:b] or d[d.scores > t], or use d.boxes, d.scores, ...")
+
     def to(self, device: torch.device | str) -> "Detections":
         """A copy with every tensor on ``device`` (a :class:`BoxMasks` table stays on the CPU)."""
         return Detections(
@@ -354,6 +476,9 @@ class Detections:
             category_ids: maps the checkpoint's label to the dataset's category id: a mapping
                 ``{label: category_id}`` or a sequence indexed by label; None: the label itself
                 (right for torchvision's COCO checkpoints, whose labels are COCO category ids).
+                For COCO, ``predictor.coco_category_ids`` (:class:`engine.Predictor`) is the right
+                value for every family: None for torchvision's layout, the 80-to-91 table for
+                Detectron2's, mmdetection's and matterport's 80 COCO classes.
 
         Returns:
             One dict per detection, in order: ``image_id``, ``category_id`` (int), ``bbox``

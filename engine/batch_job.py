@@ -403,21 +403,6 @@ def predict_batch(
     return rows, error_rows
 
 
-def predict_window(predictor, files, decoded, done, *, batch_size, class_names, on_batch, timings=None, category_ids=None) -> None:
-    """One window whose images are decoded already (the Ray job's actors): ``decoded[i]`` is
-    ``(image, None)`` or ``(None, error fields)``; batches planned by the decoded sizes."""
-    probes = [((im.shape[0], im.shape[1]), None) if err is None else (None, err) for im, err in decoded]
-    plan = plan_window(files, probes, done, batch_size=batch_size, config=predictor.config)
-    if plan.error_rows:
-        on_batch([], plan.error_rows)
-    for batch in plan.batches:
-        rows, error_rows = predict_batch(
-            predictor, [files[i] for i in batch], [decoded[i] for i in batch], done,
-            class_names=class_names, category_ids=category_ids, timings=timings,
-        )
-        on_batch(rows, error_rows)
-
-
 def job_settings(*, weights_sha256: str, family: str, config, precision: str, mask_format: str, class_names, category_ids, input_format: str = "RGB") -> dict:
     """What decides a job's rows, kept in ``run.json`` and checked on a resume
     (:func:`engine.job_outputs.check_settings`)."""

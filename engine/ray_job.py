@@ -52,8 +52,19 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.batch_job import InputFile, JobOptions, JobSummary, _NoProgress, decode_or_error, job_record, job_windows, predict_window
-from engine.job_outputs import RUN_RECORD, JobOutputs, read_done_ids, write_atomically
+from engine.batch_job import (
+    InputFile,
+    JobOptions,
+    JobSummary,
+    OpenOutput,
+    _NoProgress,
+    decode_or_error,
+    job_windows,
+    plan_window,
+    predict_batch,
+    probe_image,
+)
+from engine.job_outputs import JobOutputs
 
 __all__ = ["PredictActor", "PredictorSpec", "import_ray", "init_ray", "ray_window", "run_ray_job"]
 
@@ -157,23 +168,29 @@ class PredictorSpec:
 
 
 def _decode_window(row: dict) -> dict:
-    """A Ray task: decodes one window's files; the images travel pickled (they differ in size)."""
+    """A Ray task: reads one window's headers (:func:`engine.batch_job.probe_image`) and decodes
+    the files whose header passed; the images travel pickled (they differ in size)."""
     files = json.loads(row["files"])
-    decoded = [decode_or_error(Path(path)) for path, _ in files]
-    return {"files": row["files"], "done": row["done"], "decoded": pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)}
+    max_pixels = row["max_pixels"] if row["max_pixels"] >= 0 else None
+    probes = [probe_image(Path(path), max_pixels) for path, _ in files]
+    decoded = [decode_or_error(Path(path), max_pixels) if err is None else None for (path, _), (_, err) in zip(files, probes)]
+    payload = pickle.dumps((probes, decoded), protocol=pickle.HIGHEST_PROTOCOL)
+    return {"files": row["files"], "done": row["done"], "decoded": payload}
 
 
 class PredictActor:
     """A Ray Data callable class: one predictor per actor; each input row is one decoded window,
-    predicted by :func:`engine.batch_job.predict_window` (the in-process job's batches), and
+    planned and predicted as in-process (:func:`engine.batch_job.plan_window`,
+    :func:`engine.batch_job.predict_batch`), and
     comes back as the JSON lines of its images not yet done, each with the id of the actor that
     predicted it (``actor``: the driver counts the actors that did work)."""
 
-    def __init__(self, spec: PredictorSpec, class_names: Sequence[str] | None, batch_size: int) -> None:
+    def __init__(self, spec: PredictorSpec, class_names: Sequence[str] | None, category_ids, batch_size: int) -> None:
         import ray
 
         self.predictor = spec.build()
         self.class_names = list(class_names) if class_names is not None else None
+        self.category_ids = category_ids
         self.batch_size = batch_size
         self.actor_id = ray.get_runtime_context().get_actor_id() or ""
 
@@ -188,13 +205,17 @@ class PredictActor:
                 lines.append(json.dumps(r, separators=(",", ":")))
                 kinds.append("error")
 
-        for files_json, done_json, decoded in zip(batch["files"], batch["done"], batch["decoded"]):
+        for files_json, done_json, payload in zip(batch["files"], batch["done"], batch["decoded"]):
             files = [InputFile(Path(path), image_id) for path, image_id in json.loads(files_json)]
             done = set(json.loads(done_json))
-            predict_window(
-                self.predictor, files, pickle.loads(decoded), done,
-                batch_size=self.batch_size, class_names=self.class_names, on_batch=collect,
-            )
+            probes, decoded = pickle.loads(payload)
+            plan = plan_window(files, probes, done, batch_size=self.batch_size, config=self.predictor.config)
+            collect([], plan.error_rows)
+            for b in plan.batches:
+                collect(*predict_batch(
+                    self.predictor, [files[i] for i in b], [decoded[i] for i in b], done,
+                    class_names=self.class_names, category_ids=self.category_ids,
+                ))
         actors = [self.actor_id] * len(lines)
         return {"line": np.array(lines, dtype=object), "kind": np.array(kinds, dtype=object), "actor": np.array(actors, dtype=object)}
 
@@ -206,92 +227,106 @@ def run_ray_job(
     *,
     address: str | None = None,
     workers: int = 1,
+    options: JobOptions | None = None,
     batch_size: int = 4,
     window: int = 0,
-    class_names: Sequence[str] | None = None,
-    record: dict | None = None,
     format: str = "jsonl",
     rows_per_shard: int = 1000,
+    class_names: Sequence[str] | None = None,
+    category_ids=None,
+    record: dict | None = None,
+    settings: dict | None = None,
     verbose: bool = False,
 ) -> JobSummary:
     """Runs the job on Ray: an existing cluster at ``address`` (``"auto"``, ``ray://...``), the
     one this process already joined, or a local one started for the run (by :func:`init_ray`).
     See the module docstring.
 
-    ``batch_size``, ``format`` and ``rows_per_shard`` mean what they mean in
-    :class:`engine.batch_job.JobOptions`; ``workers`` is the number of predictor actors;
-    ``window`` too, but its default (0) gives a small input ``workers`` smaller windows
-    (:func:`ray_window`). ``verbose``: Ray's and Ray Data's own logs and progress bars on the
-    terminal (``--verbose``); without it the run prints nothing (see the module docstring).
-    ``summary.timings`` holds seconds by step and ``workers_used``, the number of actors that
-    predicted a window.
+    ``options`` are the in-process job's (:class:`engine.batch_job.JobOptions`: batch size,
+    window, format, shard size, ``max_pixels``, ``retry_errors``, ``force``; ``decode_workers``,
+    ``decode_budget`` and ``progress`` are Ray's to decide); without it, ``batch_size``,
+    ``window``, ``format`` and ``rows_per_shard`` make them. ``workers`` is the number of
+    predictor actors; a ``window`` of 0 gives a small input ``workers`` smaller windows
+    (:func:`ray_window`). ``class_names``, ``category_ids``, ``record`` and ``settings`` mean
+    what they mean in :func:`engine.batch_job.run_job`: the output folder is locked and its
+    settings checked the same way. ``verbose``: Ray's and Ray Data's own logs and progress bars
+    on the terminal (``--verbose``); without it the run prints nothing (see the module
+    docstring). ``summary.timings`` holds seconds by step and ``workers_used``, the number of
+    actors that predicted a window.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
-    window_images = ray_window(len(inputs), batch_size=batch_size, window=window, workers=workers)
+    if options is None:
+        options = JobOptions(batch_size=batch_size, window=window, progress=False, format=format, rows_per_shard=rows_per_shard)
+    window_images = ray_window(len(inputs), batch_size=options.batch_size, window=options.window, workers=workers)
     ray = import_ray()
     if not ray.is_initialized():
         init_ray(address, verbose=verbose)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    done = read_done_ids(output)
-    summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
-    windows = job_windows(inputs, done, window_images)
-    start = time.perf_counter()
-    outputs = JobOutputs(output, summary, _NoProgress(), format=format, rows_per_shard=rows_per_shard)
-    gpu = spec.device.startswith("cuda")
-    first_block = None  # seconds to the first block of results: the actors' start and a first window
-    actors_used: set[str] = set()
-    try:
-        if windows:
-            rows = [
-                {
-                    "files": json.dumps([[str(f.path), f.image_id] for f in w]),
-                    "done": json.dumps([f.image_id for f in w if f.image_id in done]),
-                }
-                for w in windows
-            ]
-            with _quiet_ray(ray, verbose):
-                # one block per window, so that each window can go to its own actor
-                ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-                # decoding is light next to the model and must not wait for the CPUs the actors hold
-                # (on a 2-CPU node, 2 CPU actors hold them all): it asks for none
-                # Ray would otherwise run every window's decoding at once, each task in a worker
-                # process of its own that imports the engine (torch): as many such tasks as actors
-                ds = ds.map(_decode_window, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
-                ds = ds.map_batches(
-                    PredictActor,
-                    fn_constructor_kwargs={"spec": spec, "class_names": class_names, "batch_size": batch_size},
-                    batch_size=1,  # one window per call
-                    batch_format="numpy",
-                    # one window at a time per actor: Ray Data would queue up to 4 on one actor, and
-                    # a job of few windows would then leave the other actors idle
-                    compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-                    num_gpus=1 if gpu else 0,
-                    num_cpus=0 if gpu else 1,
-                )
-                for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    if first_block is None:
-                        first_block = time.perf_counter() - start
-                    actors_used.update(block["actor"])
-                    parsed = [(json.loads(line), kind) for line, kind in zip(block["line"], block["kind"])]
-                    outputs.write([r for r, k in parsed if k == "prediction"], [r for r, k in parsed if k == "error"])
-    finally:
-        outputs.close()
-    summary.seconds = time.perf_counter() - start
-    new = summary.predicted + summary.errors
-    summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
-    seconds = {"to_first_block": first_block or 0.0, "write": outputs.write_seconds}
-    summary.timings = {**seconds, "workers_used": len(actors_used)}
-    extra = {
-        "ray": {
-            "address": address or "local", "workers": workers, "workers_used": len(actors_used),
-            "window": window_images, "ray_version": ray.__version__,
-        },
-        "batch_size": batch_size,
-        "format": format,
-        "seconds_by_step": seconds,
-    }
-    write_atomically(output / RUN_RECORD, job_record(summary, record, extra))
+    with OpenOutput(output, settings=settings, options=options, record=record) as folder:
+        done = folder.done
+        summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))
+        windows = job_windows(inputs, done, window_images)
+        start = time.perf_counter()
+        outputs = JobOutputs(folder.output, summary, _NoProgress(), format=options.format, rows_per_shard=options.rows_per_shard)
+        gpu = spec.device.startswith("cuda")
+        first_block = None  # seconds to the first block of results: the actors' start and a first window
+        actors_used: set[str] = set()
+        try:
+            if windows:
+                rows = [
+                    {
+                        "files": json.dumps([[str(f.path), f.image_id] for f in w]),
+                        "done": json.dumps([f.image_id for f in w if f.image_id in done]),
+                        "max_pixels": -1 if options.max_pixels is None else options.max_pixels,
+                    }
+                    for w in windows
+                ]
+                with _quiet_ray(ray, verbose):
+                    # one block per window, so that each window can go to its own actor
+                    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+                    # decoding is light next to the model and must not wait for the CPUs the actors hold
+                    # (on a 2-CPU node, 2 CPU actors hold them all): it asks for none
+                    # Ray would otherwise run every window's decoding at once, each task in a worker
+                    # process of its own that imports the engine (torch): as many such tasks as actors
+                    ds = ds.map(_decode_window, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
+                    ds = ds.map_batches(
+                        PredictActor,
+                        fn_constructor_kwargs={
+                            "spec": spec, "class_names": class_names, "category_ids": category_ids, "batch_size": options.batch_size,
+                        },
+                        batch_size=1,  # one window per call
+                        batch_format="numpy",
+                        # one window at a time per actor: Ray Data would queue up to 4 on one actor, and
+                        # a job of few windows would then leave the other actors idle
+                        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+                        num_gpus=1 if gpu else 0,
+                        num_cpus=0 if gpu else 1,
+                    )
+                    for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        if first_block is None:
+                            first_block = time.perf_counter() - start
+                        actors_used.update(block["actor"])
+                        parsed = [(json.loads(line), kind) for line, kind in zip(block["line"], block["kind"])]
+                        predictions = [r for r, k in parsed if k == "prediction"]
+                        errors = [r for r, k in parsed if k == "error"]
+                        outputs.write(predictions, errors)
+                        folder.note_written(predictions, errors)
+        finally:
+            outputs.close()
+        summary.seconds = time.perf_counter() - start
+        new = summary.predicted + summary.errors
+        summary.images_per_second = new / summary.seconds if summary.seconds > 0 else 0.0
+        seconds = {"to_first_block": first_block or 0.0, "write": outputs.write_seconds}
+        summary.timings = {**seconds, "workers_used": len(actors_used)}
+        extra = {
+            "ray": {
+                "address": address or "local", "workers": workers, "workers_used": len(actors_used),
+                "window": window_images, "ray_version": ray.__version__,
+            },
+            "batch_size": options.batch_size,
+            "format": options.format,
+            "max_pixels": options.max_pixels,
+            "seconds_by_step": seconds,
+        }
+        folder.finish(summary, extra)
     return summary
-

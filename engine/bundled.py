@@ -5,8 +5,9 @@ The file and its record live with the other checkpoint files (:mod:`weights.bund
 sizes it was trained at (320 short side, 480 long side at most) and batch-norm eps 1e-5.
 
     from engine.bundled import shapes_predictor
-    predictor = shapes_predictor(device="cuda")
+    predictor = shapes_predictor()      # CUDA when present, else CPU (device="cpu" to force it)
     detections = predictor.run(images)  # labels: 1 circle, 2 square, 3 triangle
+    predictor.class_names               # ('__background__', 'circle', 'square', 'triangle')
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def shapes_model(*, verify: bool = True) -> BundledModel:
 
 
 def shapes_predictor(**kwargs) -> Predictor:
-    """A :class:`engine.Predictor` running the bundled shapes model; keyword arguments go to it."""
+    """A :class:`engine.Predictor` running the bundled shapes model; keyword arguments go to it.
+
+    Defaults as :class:`engine.Predictor`'s (``device=None``: CUDA when present, else CPU), with
+    the model's own configuration and class names (``class_names`` indexed by label:
+    '__background__', 'circle', 'square', 'triangle'; ``coco_category_ids`` None).
+    """
     model = shapes_model()
-    return Predictor(model.checkpoint, family="torchvision", config=kwargs.pop("config", model.config), **kwargs)
+    kwargs.setdefault("config", model.config)
+    kwargs.setdefault("class_names", model.class_names[1:])  # the foreground names; the record's [0] is the background
+    return Predictor(model.checkpoint, family="torchvision", **kwargs)

@@ -1,7 +1,11 @@
 """``Predictor``: a checkpoint in, instance masks out.
 
-    predictor = Predictor("maskrcnn_resnet50_fpn_coco.pth", device="cuda")
-    results = predictor.run(images)      # list of uint8 HxWx3 RGB arrays, or one array
+    predictor = Predictor("maskrcnn_resnet50_fpn_coco.pth")   # CUDA when present, else CPU
+    results = predictor.run(images)      # uint8 HxWx3 RGB arrays and/or image file paths, or one of them
+    predictor.class_names[results[0].labels[0]]                # the name of a detection
+    results[0].to_coco(image_id, category_ids=predictor.coco_category_ids)
+
+    Predictor(weights, input_format="BGR").run(cv2.imread(path))   # OpenCV's BGR arrays, as Detectron2
 
 The steps are kept apart, as in torchvision and Detectron2: :meth:`Predictor.preprocess`
 (normalise, resize, pad), the network stages of :class:`engine.model.MaskRCNN`, and
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from engine.backbone import fold_frozen_batch_norms
+from engine.class_names import coco_category_ids, default_class_names, load_class_names
 from engine.config import MaskRCNNConfig
 from engine.cuda_graphs import GraphedDenseNetwork
 from engine.host_memory import reusing_freed_memory
@@ -35,9 +40,20 @@ from engine.results import Detections
 # the steps of one padded batch, as :meth:`Predictor.profile_stages` times them
 STAGES = ("preprocess", "backbone+fpn", "rpn", "box head + detection", "mask head", "paste")
 
+#: channel orders :class:`Predictor` takes arrays in (``input_format``)
+INPUT_FORMATS = ("RGB", "BGR")
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch.device, with a clear error when CUDA is asked for and absent."""
+
+def default_device() -> torch.device:
+    """The device used when none is given: ``cuda`` when CUDA is available, else ``cpu`` (the
+    same default as the ``maskrcnn-engine`` command and the examples)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch.device (None: :func:`default_device`), with a clear error when CUDA is asked for and absent."""
+    if device is None:
+        return default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -61,6 +77,18 @@ def validate_images(images) -> list[np.ndarray]:
     TypeError/ValueError naming the image otherwise.
     """
     return as_rgb_uint8_images(images)
+
+
+def _is_path(image) -> bool:
+    return isinstance(image, (str, os.PathLike))
+
+
+def _check_max_pixels(max_pixels) -> int | None:
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+        raise ValueError(f"max_pixels must be None (the default cap), 0 (no limit) or a positive int; got {max_pixels!r}")
+    return max_pixels
 
 
 def padded_size_groups(images: Sequence[np.ndarray], config) -> list[list[int]]:
@@ -95,8 +123,30 @@ class Predictor:
             ``.pth``, mmdetection ``.pth``, matterport Keras ``.h5``), or the loaded state dict /
             container itself (not modified). The bundled shapes model: :func:`engine.bundled.shapes_predictor`.
         family: "torchvision", "detectron2", "mmdetection" or "matterport"; by default detected from the checkpoint's keys.
-        device: "cpu", "cuda" or "cuda:N". On CUDA the post-processing runs the Triton kernels;
-            on CPU (or with ``ENGINE_FORCE_REFERENCE=1``) their PyTorch references.
+        device: "cpu", "cuda" or "cuda:N"; None (default): "cuda" when CUDA is available, else
+            "cpu" (:func:`default_device`, as the command line and the examples). On CUDA the
+            post-processing runs the Triton kernels; on CPU (or with ``ENGINE_FORCE_REFERENCE=1``)
+            their PyTorch references.
+        input_format: "RGB" (default) or "BGR": the channel order of the arrays given to
+            :meth:`run`. "BGR" takes ``cv2.imread`` arrays as they are and gives the detections
+            their RGB twin gives with "RGB", as Detectron2's ``DefaultPredictor.__call__``
+            (detectron2/engine/defaults.py: BGR in, flipped when ``cfg.INPUT.FORMAT``, the
+            model's order, is "RGB") and mmdetection's ``inference_detector`` on arrays (BGR,
+            ``bgr_to_rgb`` in the data preprocessor) do. The model's own order is
+            ``config.channel_order``, not this. The swap costs nothing extra: pre-processing
+            already reorders the uint8 pixels for networks that want BGR, and now does so exactly
+            when the input's order differs from the network's. Image files given by path are
+            decoded as RGB whatever this says: input_format is about arrays only.
+        class_names: names of the checkpoint's foreground classes in label order, without the
+            background (as Detectron2's ``thing_classes`` and mmdetection's ``classes``): a
+            sequence, a comma-separated string, or a text file with one per line (a path;
+            :func:`engine.class_names.load_class_names`). By default the names the checkpoint
+            carries (mmdetection's ``meta``), else the family's default
+            (:func:`engine.class_names.default_class_names`). See :attr:`class_names`.
+        max_pixels: image files given to :meth:`run` by path with more than this many pixels are
+            refused before decoding (:func:`engine.image_files.decode_image_file`); None
+            (default): ``engine.image_files.DEFAULT_MAX_PIXELS`` (about 179 megapixels,
+            Pillow's decompression-bomb limit); 0: no limit.
         precision: "fp32" (default; exact parity with the checkpoint's framework), or "bf16" /
             "fp16" (fast mode): backbone, FPN and heads in reduced precision, channels-last, batch
             norms folded into the convolutions; on a CPU without oneDNN kernels for it
@@ -123,6 +173,24 @@ class Predictor:
             Opt-in speed mode: the first runs of new input shapes compile (tens of seconds each),
             the results differ from the default's by float32 rounding (BENCHMARKS.md), and it needs
             a C++ compiler. CPU only: on CUDA it is a ValueError (``cuda_graph`` is the CUDA mode).
+
+    Attributes:
+        class_names: tuple of str indexed by label, so that ``class_names[label]`` names a
+            detection, with background handled as :func:`engine.class_names.default_class_names`
+            does: background-first layouts (torchvision, matterport) have an entry per
+            classifier output, "__background__" at 0 (torchvision's COCO file: its 91 slots,
+            "N/A" at the ids COCO left unused); background-last layouts (Detectron2,
+            mmdetection) have only the K foreground names, labels 0..K-1 (the background's
+            index K is never a label).
+        coco_category_ids: None, or a tuple indexed by label giving the COCO category id, for
+            :meth:`engine.results.Detections.to_coco` (``category_ids=``):
+            :func:`engine.class_names.coco_category_ids` of :attr:`class_names`. None where the
+            label is the id: torchvision's 91-slot COCO layout, and every model whose names are
+            not the 80 COCO classes (a fine-tuned model's own classes); the 80-to-91 table for
+            the 80-class COCO layouts (Detectron2 and mmdetection labels 0..79, matterport
+            labels 1..80).
+        input_format: "RGB" or "BGR", the channel order of arrays given to :meth:`run`.
+        device, config, family, mask_format: as given or resolved.
     """
 
     def __init__(
@@ -130,7 +198,10 @@ class Predictor:
         weights: str | os.PathLike | Mapping[str, Tensor],
         *,
         family: str | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
+        input_format: str = "RGB",
+        class_names: str | os.PathLike | Sequence[str] | None = None,
+        max_pixels: int | None = None,
         precision: str = "fp32",
         config: MaskRCNNConfig | None = None,
         score_threshold: float | None = None,
@@ -147,6 +218,14 @@ class Predictor:
             raise ValueError(f"mask_format must be one of {', '.join(map(repr, MASK_FORMATS))}; got {mask_format!r}")
         self.mask_format = mask_format
         self.max_chunk_bytes = max_chunk_bytes
+        if not isinstance(input_format, str) or input_format not in INPUT_FORMATS:
+            raise ValueError(
+                f'input_format must be "RGB" or "BGR" (the channel order of the arrays given to run(); '
+                f"cv2.imread gives BGR, as Detectron2's DefaultPredictor takes); got {input_format!r}"
+            )
+        self.input_format = input_format
+        self.max_pixels = _check_max_pixels(max_pixels)
+        self._pixel_configs: tuple[MaskRCNNConfig, MaskRCNNConfig] | None = None
         self.device = resolve_device(device)
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
@@ -179,6 +258,15 @@ class Predictor:
         changes = {k: v for k, v in overrides.items() if v is not None}
         self.config = config.replace(**changes) if changes else config
         self.family = checkpoint.family
+        background, num_classes = self.config.background_index, checkpoint.spec.num_classes
+        if class_names is not None:
+            names = load_class_names(class_names, num_classes=num_classes, background=background)
+        elif checkpoint.class_names is not None:  # foreground names in label order (mmdetection's meta; count checked there)
+            names = [*(["__background__"] if background == "first" else []), *checkpoint.class_names]
+        else:
+            names = default_class_names(num_classes, background=background, family=self.family)
+        self.class_names: tuple[str, ...] = tuple(names)
+        self.coco_category_ids: tuple[int, ...] | None = coco_category_ids(self.class_names, background=background)
         self.model = build_model(checkpoint, config=self.config, precision=precision).to(self.device)
         if precision != "fp32" or self.config.fold_batch_norms:  # other roundings: no parity default
             fold_frozen_batch_norms(self.model)
@@ -198,9 +286,60 @@ class Predictor:
         """Classifier outputs of the checkpoint, background included."""
         return self.model.spec.num_classes
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> ImageBatch:
-        """Validated images -> the padded, normalised batch on the predictor's device."""
-        return preprocess(validate_images(images), config=self.config, device=self.device)
+    def _pixel_config(self) -> MaskRCNNConfig:
+        """The configuration pre-processing runs with: :attr:`config`, with ``channel_order``
+        standing for the reorder the input needs.
+
+        :func:`engine.preprocess.preprocess` takes RGB and flips the uint8 channels when
+        ``channel_order`` is "BGR" (the network wants BGR). BGR input for an RGB network needs
+        the same flip, and BGR input for a BGR network none; so with ``input_format="BGR"`` the
+        order is swapped here, and the pixels are reordered once or not at all (the means and
+        stds stay in the network's order, which the flipped pixels then have).
+        """
+        if self.input_format == "RGB":
+            return self.config
+        cached = self._pixel_configs
+        if cached is None or cached[0] is not self.config:
+            swapped = "RGB" if self.config.channel_order == "BGR" else "BGR"
+            cached = self._pixel_configs = (self.config, self.config.replace(channel_order=swapped))
+        return cached[1]
+
+    def _load_images(self, images) -> list[np.ndarray]:
+        """The images of one :meth:`run` call as C-contiguous uint8 [H, W, 3] arrays in
+        :attr:`input_format` order.
+
+        ``images``: one image or a list/tuple of them, each an array or tensor
+        (:func:`validate_images`) or an image file path (``str`` or ``os.PathLike``), decoded
+        by :func:`engine.image_files.decode_image_file` with :attr:`max_pixels` as RGB, then put
+        in :attr:`input_format` order (for "BGR" one uint8 copy, reordered back by
+        pre-processing: what a path gives never depends on input_format).
+
+        Raises:
+            engine.image_files.ImageDecodeError (a ValueError): a file that is not a readable
+                image, or over :attr:`max_pixels`; the message names ``images[i]`` and the path.
+            OSError: a file that cannot be read.
+            TypeError, ValueError: an array that is not an image (:func:`validate_images`).
+        """
+        if _is_path(images):
+            images = [images]
+        if isinstance(images, (list, tuple)) and any(_is_path(image) for image in images):
+            images = [self._decode(image, i) if _is_path(image) else image for i, image in enumerate(images)]
+        return validate_images(images)
+
+    def _decode(self, path: str | os.PathLike, index: int) -> np.ndarray:
+        """One image file -> uint8 [H, W, 3] in :attr:`input_format` order."""
+        from engine.image_files import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image_file
+
+        limit = DEFAULT_MAX_PIXELS if self.max_pixels is None else (self.max_pixels or None)
+        try:
+            image = decode_image_file(path, max_pixels=limit)
+        except ImageDecodeError as error:
+            raise ImageDecodeError(f"images[{index}] ({os.fspath(path)}): {error}", reason=error.reason, pixels=error.pixels) from error
+        return image[:, :, ::-1] if self.input_format == "BGR" else image
+
+    def preprocess(self, images) -> ImageBatch:
+        """Images (any form :meth:`run` takes) -> the padded, normalised batch on the predictor's device."""
+        return preprocess(self._load_images(images), config=self._pixel_config(), device=self.device)
 
     @torch.inference_mode()
     def run(self, images) -> list[Detections]:
@@ -208,14 +347,22 @@ class Predictor:
 
         Args:
             images: one image or a list of images of any sizes, as uint8 numpy arrays [H, W, 3] in
-                RGB order, or any form :func:`engine.inputs.as_rgb_uint8_images` converts (grayscale,
-                RGBA, CHW tensors, uint16 or float pixels). Not modified. They go through the
+                :attr:`input_format` order (RGB by default; "BGR" for ``cv2.imread`` arrays), or any
+                form :func:`engine.inputs.as_rgb_uint8_images` converts (grayscale, RGBA/BGRA, CHW
+                tensors, uint16 or float pixels), or image file paths (``str`` / ``os.PathLike``,
+                mixed with arrays as wished), decoded as RGB whatever :attr:`input_format` says
+                (:meth:`_load_images`). Not modified. They go through the
                 backbone as one padded batch, or with ``config.batch_padding="by_size"`` (the
                 mmdetection preset) as one batch per padded size, each image then padded as alone.
 
         Returns:
             One :class:`engine.results.Detections` per image (tensors on the predictor's device),
             in the order given; ``[]`` for an empty list.
+
+        Raises:
+            engine.image_files.ImageDecodeError (a ValueError), OSError: a path that cannot be
+                read or decoded (the first one stops the call; decode files yourself with
+                :func:`engine.image_files.decode_image_file` to skip bad ones).
 
         Host reads of device data: on CUDA exactly one per padded batch, whatever its size and family:
         the detections per image, read right before the masks are pasted so that they can be
@@ -225,7 +372,7 @@ class Predictor:
         detections (``MaskRCNN.trim_padding``). ``tests/test_host_sync_audit.py`` counts them
         for every preset.
         """
-        images = validate_images(images)
+        images = self._load_images(images)
         with self._host_memory_scope():
             return self._run_validated(images)
 
@@ -250,7 +397,7 @@ class Predictor:
         """:meth:`run` on ``images`` as one padded batch (whatever ``config.batch_padding``),
         with the seconds each of :data:`STAGES` took; on CUDA the device is synchronised
         between stages, so the figures are for profiling, not for the fastest run."""
-        images = validate_images(images)
+        images = self._load_images(images)
         marks: list[float] = []
         with self._host_memory_scope():
             results = self._run_padded_batch(images, stage_marks=marks)
@@ -269,7 +416,7 @@ class Predictor:
                 stage_marks.append(time.perf_counter())
 
         mark()
-        batch = preprocess(images, config=self.config, device=self.device)
+        batch = preprocess(images, config=self._pixel_config(), device=self.device)
         mark()
         model = self.model
         if self._graphed is not None:

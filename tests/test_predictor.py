@@ -11,7 +11,7 @@ from tiny import TINY_CONFIG, tiny_state_dict
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    return Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
 
 
 def image(h, w, seed=0):
@@ -58,7 +58,7 @@ def test_non_contiguous_input(predictor):
 
 def test_empty_list(predictor):
     assert predictor.run([]) == []
-    assert Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(batch_padding="by_size")).run([]) == []
+    assert Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG.replace(batch_padding="by_size")).run([]) == []
 
 
 def _same(a, b) -> bool:
@@ -72,7 +72,7 @@ def test_batch_padding_by_size_gives_each_image_its_result_alone(sizes):
     from engine.predictor import padded_size_groups
 
     images = [image(h, w, i) for i, (h, w) in enumerate(sizes)]
-    by_size = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(batch_padding="by_size", score_threshold=0.0))
+    by_size = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG.replace(batch_padding="by_size", score_threshold=0.0))
     groups = padded_size_groups(images, by_size.config)
     assert sorted(i for g in groups for i in g) == list(range(len(images)))
     for group in groups:  # every image gets the very input tensor it gets alone
@@ -89,7 +89,7 @@ def test_batch_padding_by_size_gives_each_image_its_result_alone(sizes):
         assert len(r) == len(alone) and torch.equal(r.labels, alone.labels)
         torch.testing.assert_close(r.scores, alone.scores, rtol=0, atol=1e-5)
         torch.testing.assert_close(r.boxes, alone.boxes, rtol=0, atol=1e-3)
-    together = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(score_threshold=0.0)).run(images)
+    together = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG.replace(score_threshold=0.0)).run(images)
     if len(groups) == 1:
         assert all(_same(a, b) for a, b in zip(together, results))
     else:  # padding the small images to the largest changes their features
@@ -102,7 +102,7 @@ def test_bad_batch_padding_is_refused():
 
 
 def test_zero_detections_are_well_formed():
-    p = Predictor(tiny_state_dict(), config=TINY_CONFIG, score_threshold=1.0)
+    p = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, score_threshold=1.0)
     results = p.run([image(40, 50), image(20, 30, 1)])
     for r, hw in zip(results, [(40, 50), (20, 30)]):
         assert len(r) == 0
@@ -110,17 +110,18 @@ def test_zero_detections_are_well_formed():
 
 
 def test_threshold_overrides():
-    p = Predictor(tiny_state_dict(), config=TINY_CONFIG, detections_per_image=3, mask_threshold=0.9, nms_threshold=0.3)
+    p = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, detections_per_image=3, mask_threshold=0.9, nms_threshold=0.3)
     assert p.config.detections_per_image == 3 and p.config.mask_threshold == 0.9 and p.config.nms_threshold == 0.3
     assert all(len(r) <= 3 for r in p.run([image(60, 60)]))
     with pytest.raises(ValueError, match="score_threshold must lie in"):
-        Predictor(tiny_state_dict(), score_threshold=2.0)
+        Predictor(tiny_state_dict(), device="cpu", score_threshold=2.0)
 
 
 @pytest.mark.parametrize(
     "bad,exc,match",
     [
-        ("not an image", TypeError, "str"),
+        (b"not an image", TypeError, "bytes"),
+        ("no/such/file.png", FileNotFoundError, "no/such/file.png"),  # a str is a path (tests/test_api.py)
         ([np.zeros((10, 10, 2), np.uint8)], ValueError, "channels"),
         ([np.zeros((0, 10, 3), np.uint8)], ValueError, "at least 1"),
         ([np.full((4, 4, 3), np.nan, np.float32)], ValueError, "NaN"),
@@ -148,8 +149,8 @@ def test_reduced_precision_mode(precision):
     if not cpu_has_fast_kernels(precision):
         pytest.skip(f"no oneDNN {precision} kernels on this CPU: the predictor falls back to fp32")
     images = [image(60, 80), image(47, 33, 1)]
-    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
-    fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision=precision)
+    exact = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
+    fast = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, precision=precision)
     batch = exact.preprocess(images)
     with torch.inference_mode():
         f32 = exact.model.features(batch)
@@ -167,8 +168,8 @@ def test_reduced_precision_without_cpu_kernels_warns_and_runs_fp32(precision, mo
 
     monkeypatch.setattr(engine.predictor, "cpu_has_fast_kernels", lambda p: p == "fp32")
     with pytest.warns(RuntimeWarning, match=f"no oneDNN {precision} kernels.*running fp32 instead"):
-        fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision=precision)
-    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+        fast = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, precision=precision)
+    exact = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
     assert fast.model.precision == "fp32"
     images = [image(60, 80)]
     (a,), (b,) = exact.run(images), fast.run(images)
@@ -181,12 +182,12 @@ def test_batch_norms_fold_into_convolutions_in_reduced_precision():
     unfolded one's features up to rounding."""
     from engine.backbone import FrozenBatchNorm2d, fold_frozen_batch_norms
 
-    exact = Predictor(tiny_state_dict(), config=TINY_CONFIG)
-    by_hand = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    exact = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
+    by_hand = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
     norms = [m for m in by_hand.model.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert fold_frozen_batch_norms(by_hand.model) == len(norms) > 0
     assert all(m.folded for m in norms) and fold_frozen_batch_norms(by_hand.model) == 0
-    folded = Predictor(tiny_state_dict(), config=TINY_CONFIG.replace(fold_batch_norms=True))
+    folded = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG.replace(fold_batch_norms=True))
     assert folded.model.precision == "fp32"
     assert all(m.folded for m in folded.model.modules() if isinstance(m, FrozenBatchNorm2d))
     for a, b in zip(by_hand.model.state_dict().values(), folded.model.state_dict().values()):
@@ -196,7 +197,7 @@ def test_batch_norms_fold_into_convolutions_in_reduced_precision():
         for a, b in zip(exact.model.features(batch), folded.model.features(batch)):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     if cpu_has_fast_kernels("bf16"):
-        fast = Predictor(tiny_state_dict(), config=TINY_CONFIG, precision="bf16")
+        fast = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, precision="bf16")
         assert all(m.folded for m in fast.model.modules() if isinstance(m, FrozenBatchNorm2d))
     assert not any(m.folded for m in exact.model.modules() if isinstance(m, FrozenBatchNorm2d))
 
@@ -208,18 +209,18 @@ def test_fold_batch_norms_must_be_a_bool():
 
 def test_unknown_precision():
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
-        Predictor(tiny_state_dict(), precision="int8")
+        Predictor(tiny_state_dict(), device="cpu", precision="int8")
 
 
 def test_box_mask_format_equals_full_masks():
     from engine.results import BoxMasks
 
     images = [image(60, 80), image(47, 33, 1)]
-    full = Predictor(tiny_state_dict(), config=TINY_CONFIG).run(images)
-    compact = Predictor(tiny_state_dict(), config=TINY_CONFIG, mask_format="box").run(images)
+    full = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG).run(images)
+    compact = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, mask_format="box").run(images)
     for f, c in zip(full, compact):
         assert isinstance(c.masks, BoxMasks)
         assert torch.equal(c.masks.to_full(), f.masks)
         assert c.to_coco(7) == f.to_coco(7)
     with pytest.raises(ValueError, match="mask_format must be one of"):
-        Predictor(tiny_state_dict(), mask_format="rle")
+        Predictor(tiny_state_dict(), device="cpu", mask_format="rle")

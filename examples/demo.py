@@ -13,7 +13,12 @@ Inputs are image files, folders (their images, sorted) and glob patterns. Each i
 scores), and ``OUTPUT/results.json`` holds every detection in the COCO results format
 with RLE masks (``image_id`` is the input's position; ``OUTPUT/images.json`` maps ids to
 files). Every file is written atomically (temporary file, then rename), and no input is
-ever overwritten.
+ever overwritten. A file that cannot be read or decoded is skipped with one line naming it and
+the reason, as ``maskrcnn-engine predict`` does.
+
+The demo keeps detections scoring above 0.5 (``--score-threshold``), for readable overlays;
+``maskrcnn-engine predict`` keeps the checkpoint family's own threshold (above 0.05; matterport
+0.7), as COCO evaluation wants. The device defaults to CUDA when present, as everywhere in the engine.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import Predictor  # noqa: E402
-from engine.class_names import default_class_names, load_class_names  # noqa: E402
+from engine.image_files import ImageDecodeError, decode_image_file  # noqa: E402
 from engine.results import Detections  # noqa: E402
+
+#: the demo's default --score-threshold (``maskrcnn-engine predict`` keeps the family's, 0.05; matterport 0.7)
+DEMO_SCORE_THRESHOLD = 0.5
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -147,13 +154,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--family", choices=["torchvision", "detectron2", "mmdetection", "matterport"],
                     help="checkpoint family (default: detected from the checkpoint's keys)")
     ap.add_argument("--output", default="out", help="folder for overlays and results.json (default: out)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    ap.add_argument("--device", default=None,
                     help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     ap.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
-    ap.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score (default: 0.5)")
+    ap.add_argument("--score-threshold", type=float, default=DEMO_SCORE_THRESHOLD,
+                    help=f"keep detections scoring above this (default: {DEMO_SCORE_THRESHOLD}, for readable overlays; "
+                    "maskrcnn-engine predict keeps the checkpoint family's own, 0.05, matterport 0.7)")
     ap.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
     ap.add_argument("--class-names", help="names of a fine-tuned checkpoint's classes: a file with one per line, "
-                    "or a comma-separated list, in label order without background")
+                    "or a comma-separated list, in label order without background (default: the names the "
+                    "checkpoint carries, else COCO's for COCO layouts, else 'class i')")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error(f"--batch-size must be at least 1; got {args.batch_size}")
@@ -181,6 +191,17 @@ def generate_inputs(folder: Path, count: int) -> list[str]:
     return paths
 
 
+def read_image(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """``(rgb, None)``: uint8 [H, W, 3] RGB of an image file (:func:`engine.image_files.decode_image_file`),
+    or ``(None, reason)`` for a file that cannot be read or decoded."""
+    try:
+        return decode_image_file(path), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -201,22 +222,18 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {f.resolve() for f in files}
     options = dict(device=args.device, score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
-    bundled_names = None
+    if args.class_names:
+        options["class_names"] = args.class_names
     if args.weights:
         predictor = Predictor(args.weights, family=args.family, **options)
     else:
-        from engine.bundled import shapes_model, shapes_predictor
+        from engine.bundled import shapes_predictor
 
         predictor = shapes_predictor(**options)
-        bundled_names = list(shapes_model(verify=False).class_names)
         print("no --weights: running the bundled shapes model (weights/data/shapes_r18_fpn.pth)")
-    background = predictor.config.background_index
-    if bundled_names and not args.class_names:
-        names = bundled_names
-    elif args.class_names:
-        names = load_class_names(args.class_names, num_classes=predictor.num_classes, background=background)
-    else:
-        names = default_class_names(predictor.num_classes, background=background)
+    names = list(predictor.class_names)  # indexed by label
+    default = " (the demo's default; maskrcnn-engine predict uses the family's, 0.05)" if args.score_threshold == DEMO_SCORE_THRESHOLD else ""
+    print(f"keeping detections scoring above {predictor.config.score_threshold:g}{default}; device {predictor.device}")
 
     def target_for(f: Path, suffix: str) -> Path:
         target = out_dir / f"{f.stem}{suffix}"
@@ -224,31 +241,36 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: refusing to overwrite input {target}")
         return target
 
-    coco_results, image_ids = [], {}
+    coco_results, image_ids, skipped = [], {}, 0
     progress = Progress(len(files))
     start, done = time.perf_counter(), 0
     for i in range(0, len(files), args.batch_size):
-        chunk = files[i : i + args.batch_size]
-        bgr = []
-        for f in chunk:
-            im = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if im is None:
-                raise SystemExit(f"error: could not read image {f}")
-            bgr.append(im)
-        results = predictor.run([np.ascontiguousarray(im[..., ::-1]) for im in bgr])
-        for offset, (f, im, det) in enumerate(zip(chunk, bgr, results)):
-            image_id = i + offset
+        chunk = []  # (image_id, file, rgb): image_id is the file's position among the inputs
+        for image_id, f in enumerate(files[i : i + args.batch_size], start=i):
+            rgb, reason = read_image(f)
+            if rgb is None:
+                print(f"skipped {f}: {reason}", file=sys.stderr)
+                skipped += 1
+            else:
+                chunk.append((image_id, f, rgb))
+        results = predictor.run([rgb for _, _, rgb in chunk]) if chunk else []
+        for (image_id, f, rgb), det in zip(chunk, results):
             det = det.to("cpu")
             image_ids[image_id] = str(f)
-            coco_results.extend(det.to_coco(image_id))
-            write_image(target_for(f, "_overlay.png"), draw(im, det, names))
+            coco_results.extend(det.to_coco(image_id, category_ids=predictor.coco_category_ids))
+            write_image(target_for(f, "_overlay.png"), draw(rgb[:, :, ::-1], det, names))
         done += len(chunk)
-        progress.update(done)
+        progress.update(min(i + args.batch_size, len(files)))  # files looked at, skipped ones included
     elapsed = time.perf_counter() - start
     write_json(target_for(Path("results"), ".json"), coco_results)
     write_json(target_for(Path("images"), ".json"), {str(k): v for k, v in image_ids.items()})
+    if skipped:
+        print(f"skipped {skipped} of {len(files)} files that could not be read or decoded")
+    if not done:
+        print("error: none of the input files could be read as an image", file=sys.stderr)
+        return 1
     print(f"{len(coco_results)} detections in {done} images; overlays and results.json in {out_dir}")
-    print(f"{done} images in {elapsed:.1f} s ({done / elapsed:.2f} images/s) on {args.device}")
+    print(f"{done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.2f} images/s) on {predictor.device}")
     return 0
 
 

@@ -93,3 +93,52 @@ def test_demo_class_names_must_match_checkpoint(setup, tmp_path):
                    "--class-names", "cat,dog,bird"])
     assert demo.main([str(images), "--weights", str(weights), "--output", str(tmp_path / "o"), "--device", "cpu",
                       "--class-names", "cat,dog,bird,fish"]) == 0
+
+
+#: files the demo cannot decode, by name: empty, not an image, a PNG cut after its signature
+UNREADABLE = {"empty.png": b"", "text.jpg": b"not an image", "cut.png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"}
+
+
+def test_demo_skips_unreadable_files(setup, tmp_path, capsys):
+    """Each file that cannot be decoded is named with its reason on one line, and the others run
+    (as ``maskrcnn-engine predict`` does), their image ids left out of images.json."""
+    demo = load_demo()
+    weights, images = setup
+    for name, content in UNREADABLE.items():
+        (images / name).write_bytes(content)
+    out = tmp_path / "out"
+    code = demo.main([str(images), "--weights", str(weights), "--output", str(out), "--device", "cpu",
+                      "--score-threshold", "0.05", "--batch-size", "2", "--family", "torchvision"])
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(lines) == len(UNREADABLE)
+    for name in UNREADABLE:
+        (line,) = [line for line in lines if name in line]
+        assert line.split(": ", 1)[1].strip(), "a reason follows the file name"
+        assert not (out / f"{Path(name).stem}_overlay.png").exists()
+    ids = json.loads((out / "images.json").read_text())
+    assert sorted(Path(f).name for f in ids.values()) == ["a.png", "b.jpg", "c.png"]
+    assert all((out / f"{s}_overlay.png").exists() for s in "abc")
+    assert "keeping detections scoring above 0.05;" in captured.out and "6/6 images" in captured.err
+
+
+def test_demo_with_only_unreadable_files_says_so(tmp_path, capsys):
+    demo = load_demo()
+    (tmp_path / "bad.png").write_bytes(b"nothing")
+    assert demo.main([str(tmp_path), "--output", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "bad.png" in err and "none of the input files" in err
+
+
+def test_demo_states_its_score_threshold_and_device(setup, tmp_path, capsys):
+    demo = load_demo()
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.5," in out and "0.05" in out
+    assert demo.parse_args([]).device is None  # the Predictor's default: CUDA when present, as the CLI
+    weights, images = setup
+    assert demo.main([str(images), "--weights", str(weights), "--output", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "keeping detections scoring above 0.5 (the demo's default" in printed and "device cpu" in printed

@@ -516,6 +516,8 @@ def run_job(
         engine.job_outputs.OutputBusyError: another process writes ``output``.
         engine.job_outputs.SettingsMismatchError: ``output`` holds another model's results.
     """
+    if getattr(predictor, "input_format", "RGB") != "RGB":
+        raise ValueError("run_job decodes files to RGB: give it a Predictor with input_format='RGB' (the default)")
     with OpenOutput(output, settings=settings, options=options, record=record) as folder:
         done = folder.done
         summary = JobSummary(images=len(inputs), skipped=sum(f.image_id in done for f in inputs))

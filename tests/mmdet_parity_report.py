@@ -67,10 +67,10 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def run_case(model, path, images) -> dict:
-    predictor = Predictor(path)
+    predictor = Predictor(path, device="cpu")
     single = [compare(predictor.run([im])[0], mmdet_batch_predict(model, [im])[0]) for im in images]
     # one padded batch on both sides (the preset's default, batch_padding="by_size", pads each image alone)
-    predictor = Predictor(path, config=predictor.config.replace(batch_padding="together"))
+    predictor = Predictor(path, device="cpu", config=predictor.config.replace(batch_padding="together"))
     batched = [compare(o, t) for o, t in zip(predictor.run(images), mmdet_batch_predict(model, images))]
     return {"one image per call": summarise(single), "one batch": summarise(batched)}
 

@@ -55,7 +55,7 @@ def test_resnet18_detections_match_torchvision(norm_layer, seed):
     state = model.state_dict()
     config = config.replace(bn_eps=checkpoint_config(load_checkpoint(state)).bn_eps)
     assert config.bn_eps == expected_eps
-    ours = Predictor(state, config=config).run(images)
+    ours = Predictor(state, device="cpu", config=config).run(images)
     with torch.no_grad():
         theirs = model([to_torchvision_input(im) for im in images])
     for o, t in zip(ours, theirs):

@@ -80,7 +80,7 @@ def test_detections_match_torchvision():
     from examples.evaluate_shapes import torchvision_model
 
     images = [s.image for s in samples(HELD_OUT_SEED, 3)]
-    ours = bundled.shapes_predictor().run(images)
+    ours = bundled.shapes_predictor(device="cpu").run(images)
     with torch.no_grad():
         theirs = torchvision_model(torch.device("cpu"))(
             [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]

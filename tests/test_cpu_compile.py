@@ -30,8 +30,8 @@ needs_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compi
 def test_compiled_network_gives_the_eager_detections_over_changing_shapes():
     state = tiny_state_dict()
     config = TINY_CONFIG.replace(score_threshold=0.3)
-    eager = Predictor(state, config=config)
-    compiled = Predictor(state, config=config, cpu_compile=True)
+    eager = Predictor(state, device="cpu", config=config)
+    compiled = Predictor(state, device="cpu", config=config, cpu_compile=True)
     assert set(compiled.model._compiled) == {"backbone", "rpn_head", "box_outputs", "mask_logits"}
     assert not eager.model._compiled
     photos = photographs(("astronaut", "chelsea", "coffee"))
@@ -47,7 +47,7 @@ def test_each_compiled_part_is_one_graph(preset):
     """A graph break would split a part into pieces compiled (and recompiled) apart: the backbone's
     blocks, each with its own shapes, then run past dynamo's recompile limit and fall back to eager."""
     config = PRESETS[preset].replace(min_size=96, max_size=160)
-    model = Predictor(tiny_state_dict(), config=config).model
+    model = Predictor(tiny_state_dict(), device="cpu", config=config).model
     images = torch.randn(1, 3, 128, 192)
     if model.channels_last(torch.device("cpu")):
         images = images.contiguous(memory_format=torch.channels_last)
@@ -70,7 +70,7 @@ def test_each_compiled_part_is_one_graph(preset):
 
 def test_cpu_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="cpu_compile must be True or False"):
-        Predictor(tiny_state_dict(), config=TINY_CONFIG, cpu_compile=1)
+        Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, cpu_compile=1)
 
 
 def test_cpu_compile_is_refused_on_cuda():
@@ -83,4 +83,4 @@ def test_cpu_compile_without_a_compiler_says_so(monkeypatch):
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     with pytest.raises(RuntimeError, match="cpu_compile=True needs a C\\+\\+ compiler"):
-        Predictor(tiny_state_dict(), config=TINY_CONFIG, cpu_compile=True)
+        Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, cpu_compile=True)

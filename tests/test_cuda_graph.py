@@ -16,20 +16,20 @@ def _images(sizes):
 
 def test_cuda_graph_needs_cuda():
     with pytest.raises(ValueError, match="cuda_graph=True captures CUDA graphs and needs device='cuda'"):
-        Predictor(tiny_state_dict(), config=TINY_CONFIG, cuda_graph=True)
+        Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, cuda_graph=True)
 
 
 def test_cuda_graph_must_be_a_bool():
     with pytest.raises(TypeError, match="cuda_graph must be True or False"):
-        Predictor(tiny_state_dict(), config=TINY_CONFIG, cuda_graph="yes")
+        Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, cuda_graph="yes")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graph_matches_eager(precision):
-    eager = Predictor(tiny_state_dict(), config=TINY_CONFIG, device="cuda", precision=precision)
-    graphed = Predictor(tiny_state_dict(), config=TINY_CONFIG, device="cuda", precision=precision, cuda_graph=True)
+    eager = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, device="cuda", precision=precision)
+    graphed = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, device="cuda", precision=precision, cuda_graph=True)
     batches = [_images([(120, 90), (97, 131)]), _images([(150, 111)]), _images([(120, 90), (97, 131)])]
     for images in batches:
         want, got = eager.run(images), graphed.run(images)

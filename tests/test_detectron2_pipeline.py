@@ -45,7 +45,7 @@ def test_family_detected_and_preset_applied(d2_pkl):
 def test_runs_on_photographs(d2_pkl):
     path, _ = d2_pkl
     config = checkpoint_config(load_checkpoint(path)).replace(min_size=160, max_size=256, score_threshold=0.01)
-    predictor = Predictor(path, config=config)
+    predictor = Predictor(path, device="cpu", config=config)
     images = photographs(("astronaut", "chelsea"))
     results = predictor.run(images)
     assert sum(len(r) for r in results) > 0

@@ -26,7 +26,7 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    return Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
 
 
 def write_dataset(root: Path, predictor: Predictor, *, category_of_label):

@@ -105,8 +105,8 @@ def test_an_error_inside_the_scope_still_restores(monkeypatch):
 
 def test_runs_with_and_without_reuse_give_the_same_results():
     images = [np.random.default_rng(s).integers(0, 256, size=hw + (3,), dtype=np.uint8) for s, hw in enumerate([(60, 80), (97, 45)])]
-    reusing = Predictor(tiny_state_dict(), config=TINY_CONFIG)
-    plain = Predictor(tiny_state_dict(), config=TINY_CONFIG, reuse_host_memory=False)
+    reusing = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
+    plain = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, reuse_host_memory=False)
     assert reusing.reuse_host_memory and not plain.reuse_host_memory
     ours, theirs = reusing.run(images), plain.run(images)
     assert sum(len(r) for r in ours) > 0
@@ -117,11 +117,11 @@ def test_runs_with_and_without_reuse_give_the_same_results():
 
 def test_reuse_host_memory_must_be_a_bool():
     with pytest.raises(TypeError, match="reuse_host_memory must be True or False"):
-        Predictor(tiny_state_dict(), config=TINY_CONFIG, reuse_host_memory="yes")
+        Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, reuse_host_memory="yes")
 
 
 def test_profile_stages_gives_run_results_and_every_stage():
-    predictor = Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    predictor = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
     images = [np.random.default_rng(3).integers(0, 256, size=(64, 48, 3), dtype=np.uint8)]
     results, seconds = predictor.profile_stages(images)
     assert list(seconds) == list(STAGES)

@@ -47,7 +47,7 @@ def _predictor(preset: str, precision: str) -> Predictor:
     config = PRESETS[preset].replace(min_size=96, max_size=160, score_threshold=0.0, batch_padding="together")
     if preset == "matterport_mask_rcnn_fpn":
         config = config.replace(min_size=96, max_size=128, rpn_pre_nms_top_n=600, rpn_post_nms_top_n=100)
-    return Predictor(tiny_state_dict(), config=config, precision=precision)
+    return Predictor(tiny_state_dict(), device="cpu", config=config, precision=precision)
 
 
 def _audit(predictor: Predictor, images) -> HostSyncAudit:
@@ -99,7 +99,7 @@ def test_launches_per_stage_do_not_grow_with_the_batch(audits):
 def test_batch_padding_by_size_reads_once_per_padded_size():
     """mmdetection's default pads each image as alone: one padded batch, and one read, per padded size."""
     predictor = _predictor("mmdet_mask_rcnn_r50_fpn", "fp32")
-    predictor = Predictor(tiny_state_dict(), config=predictor.config.replace(batch_padding="by_size"))
+    predictor = Predictor(tiny_state_dict(), device="cpu", config=predictor.config.replace(batch_padding="by_size"))
     predictor.model.trim_padding = False  # what a CUDA device gets
     images = _images(3)
     images.append(images[0][::-1].copy())  # another image of the first one's size

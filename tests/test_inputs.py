@@ -298,7 +298,7 @@ BOX_TOLERANCE = 1e-2  # boxes are scaled back to the input frame and not re-clip
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor(tiny_state_dict(), config=TINY_CONFIG)
+    return Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG)
 
 
 def check_well_formed(result, height: int, width: int):
@@ -381,7 +381,7 @@ def test_tiny_images_give_well_formed_results(predictor, height, width):
     ],
 )
 def test_elongated_images_give_well_formed_results(height, width, config):
-    predictor = Predictor(tiny_state_dict(), config=config)
+    predictor = Predictor(tiny_state_dict(), device="cpu", config=config)
     image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3)).astype(np.uint8)
     (result,) = predictor.run([image])
     check_well_formed(result, height, width)

@@ -169,7 +169,7 @@ def test_predictor_run_through_the_launchers_reads_once(launches, monkeypatch, p
     config = PRESETS[preset].replace(min_size=96, max_size=160, score_threshold=0.0, batch_padding="together")
     if preset == "matterport_mask_rcnn_fpn":
         config = config.replace(min_size=96, max_size=128, rpn_pre_nms_top_n=600, rpn_post_nms_top_n=100)
-    predictor = Predictor(tiny_state_dict(), config=config)
+    predictor = Predictor(tiny_state_dict(), device="cpu", config=config)
     predictor.model.trim_padding = False  # what a CUDA device gets
     monkeypatch.setenv(FORCE_TRITON_ENV, "1")
     rng = np.random.default_rng(1)

@@ -1,9 +1,10 @@
 """``maskrcnn-engine``: the command line (also ``python -m engine.cli``).
 
-    maskrcnn-engine predict INPUT... --output DIR [--weights W] [--family F] [--device D]
-        [--precision P] [--batch-size B] [--score-threshold S] [--mask-format full|box]
-        [--decode-workers N] [--format jsonl|parquet] [--rows-per-shard N] [--no-progress]
-        [--ray [ADDRESS]] [--workers N]
+    maskrcnn-engine predict INPUT... --output DIR [--weights W] [--family F] [--class-names FILE]
+        [--device D] [--precision P] [--batch-size B] [--score-threshold S] [--mask-format full|box]
+        [--max-pixels N] [--decode-budget MIB] [--decode-workers N] [--format jsonl|parquet]
+        [--rows-per-shard N] [--retry-errors] [--force] [--no-progress]
+        [--ray [ADDRESS]] [--workers N] [--verbose]
     maskrcnn-engine to-coco DIR [--output FILE] [--annotations ANN.json] [--category-map MAP.json]
 
 ``predict`` runs a checkpoint over image files (see :mod:`engine.batch_job`): without
@@ -22,38 +23,102 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes print one line: what was wrong and where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.HelpFormatter):
+    """--help shows every default: the value, or the help text's own words where the default
+    is decided at run time (those say "default: ...")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _max_pixels(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count (0: no limit); got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit); got {value}")
+    return value
+
+
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1; got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1; got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskrcnn-engine", description="Mask R-CNN checkpoints over many images.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from engine.image_files import DEFAULT_MAX_PIXELS
+
+    parser = _Parser(prog="maskrcnn-engine", description="Mask R-CNN checkpoints over many images.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = commands.add_parser(
         "predict",
+        formatter_class=_Help,
         help="predict instance masks for image files; results as JSON lines, resumable",
         description="Runs a checkpoint over files, folders (recursive), glob patterns and @list.txt files. "
-        "Writes predictions.jsonl, errors.jsonl and run.json in --output; a rerun skips what is done.",
+        "Writes predictions.jsonl, errors.jsonl and run.json in --output; a rerun skips what is done. "
+        "One run writes an output folder at a time (a second one is refused), and a rerun with other "
+        "settings (weights, thresholds, precision, mask format, class names) is refused unless --force.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns or @list.txt")
     p.add_argument("--output", "-o", required=True, help="output folder (created; reused to resume)")
     p.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
-    p.add_argument("--family", help="checkpoint family if it cannot be told from the file")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--score-threshold", type=float, default=None)
-    p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory)")
-    p.add_argument("--decode-workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--family", choices=("torchvision", "detectron2", "mmdetection", "matterport"), help="checkpoint family, if it cannot be told from the file (default: detected)")
+    p.add_argument("--class-names", metavar="FILE", help="the foreground class names, one per line in label order (default: those the checkpoint carries, or COCO's for COCO-sized heads, or 'class i')")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="arithmetic of the network")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass")
+    p.add_argument(
+        "--score-threshold", type=_score, default=None,
+        help="keep detections scoring above this (default: the checkpoint family's own: 0.05, matterport 0.7)",
+    )
+    p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory, the same RLEs)")
+    p.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, help="larger images (by their header) are errors, never decoded; 0: no limit")
+    p.add_argument("--decode-budget", type=_positive_int, default=1024, metavar="MIB", help="MiB of decoded images held at once (a larger batch is decoded alone)")
+    p.add_argument("--decode-workers", type=_positive_int, default=4, help="image decoding threads")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "parquet"), help="predictions.jsonl, or Parquet shards in predictions.parquet/")
-    p.add_argument("--rows-per-shard", type=int, default=1000, help="with --format parquet: images per shard")
+    p.add_argument("--rows-per-shard", type=_positive_int, default=1000, help="with --format parquet: images per shard")
+    p.add_argument("--retry-errors", action="store_true", help="on a resume, retry the transient errors (files that could not be read)")
+    p.add_argument("--force", action="store_true", help="add to an output folder written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
         help="run on Ray Data: the cluster at ADDRESS ('auto', 'ray://host:10001'), or a local one without ADDRESS",
     )
-    p.add_argument("--workers", type=int, default=1, help="with --ray: predictor actors (one GPU each on GPU nodes)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="with --ray: predictor actors (one GPU each on GPU nodes)")
+    p.add_argument("--verbose", action="store_true", help="with --ray: show Ray's own logs and progress")
     c = commands.add_parser(
         "to-coco",
+        formatter_class=_Help,
         help="a predict run's output folder as a COCO results file (for COCO.loadRes / COCOeval)",
-        description="Reads predictions.jsonl or predictions.parquet/ of a predict run and writes the COCO results list. "
-        "With --annotations, image ids come from the data set's file names and category ids from its category names.",
+        description="Reads predictions.jsonl or predictions.parquet/ of a predict run (finished, interrupted or "
+        "running: it only reads) and writes the COCO results list. With --annotations, image ids come from "
+        "the data set's file names and category ids from its category names.",
     )
     c.add_argument("run_dir", metavar="DIR", help="the --output folder of a predict run")
     c.add_argument("--output", "-o", help="results file (default: DIR/coco_results.json)")
@@ -62,131 +127,121 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict(args: argparse.Namespace) -> int:
-    from engine import Predictor
-    from engine.batch_job import JobOptions, collect_inputs, run_job
-    from weights.bundled import file_sha256
-    from engine.class_names import default_class_names
+class CommandError(Exception):
+    """A mistake of the command line's user: printed as one line, exit status 2."""
 
+
+def _job_options(args: argparse.Namespace):
+    from engine.batch_job import JobOptions
+
+    return JobOptions(
+        batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress,
+        format=args.format, rows_per_shard=args.rows_per_shard, max_pixels=args.max_pixels or None,
+        decode_budget=args.decode_budget << 20, retry_errors=args.retry_errors, force=args.force,
+    )
+
+
+def _check_extras(args: argparse.Namespace) -> None:
     try:
         import pycocotools.mask  # noqa: F401  (the masks are written as COCO RLE)
     except ImportError:
-        print("error: predict writes masks as COCO RLE with pycocotools: pip install 'maskrcnn-engine[coco]'", file=sys.stderr)
-        return 2
-    for name in ("batch_size", "rows_per_shard", "workers", "decode_workers"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)
-            return 2
+        raise CommandError("predict writes masks as COCO RLE with pycocotools: pip install 'maskrcnn-engine[coco]'") from None
     if args.format == "parquet":
         from engine.job_outputs import import_pyarrow
 
         try:
             import_pyarrow()
         except ImportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise CommandError(str(exc)) from None
+    if args.weights and not Path(args.weights).is_file():
+        raise CommandError(f"--weights {args.weights}: no such file")
+    if args.class_names and not Path(args.class_names).is_file():
+        raise CommandError(f"--class-names {args.class_names}: no such file (one class name per line)")
+
+
+def _build_predictor(args: argparse.Namespace, device: str):
+    """The command's :class:`engine.Predictor` and the weights file it reads."""
+    from engine import Predictor
+
+    options = dict(device=device, precision=args.precision, score_threshold=args.score_threshold, mask_format=args.mask_format)
+    if args.class_names:
+        options["class_names"] = Path(args.class_names)
+    if args.weights:
+        return Predictor(args.weights, family=args.family, **options), Path(args.weights)
+    from engine.bundled import shapes_model, shapes_predictor
+
+    return shapes_predictor(**options), Path(shapes_model().checkpoint)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from engine.batch_job import collect_inputs, job_settings, run_job
+    from weights.bundled import file_sha256
+
+    _check_extras(args)
     try:
         inputs = collect_inputs(args.inputs)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
     if not inputs:
-        print("error: no images found in the inputs", file=sys.stderr)
-        return 2
+        raise CommandError("no images found in the inputs")
+    _quiet_decoder_logs()
     if args.ray is not None:
         return _predict_on_ray(args, inputs)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = dict(
-        device=device, precision=args.precision, score_threshold=args.score_threshold, mask_format=args.mask_format
+    predictor, weights = _build_predictor(args, device)
+    names, category_ids = predictor.class_names, predictor.coco_category_ids
+    sha256 = file_sha256(weights)
+    settings = job_settings(
+        weights_sha256=sha256, family=predictor.family, config=predictor.config, precision=args.precision,
+        mask_format=args.mask_format, class_names=names, category_ids=category_ids,
     )
-    if args.weights:
-        predictor = Predictor(args.weights, family=args.family, **options)
-        weights = Path(args.weights)
-        names = default_class_names(predictor.num_classes, background=predictor.config.background_index)
-    else:
-        from engine.bundled import shapes_model, shapes_predictor
-
-        bundled = shapes_model()
-        predictor = shapes_predictor(**options)
-        weights = Path(bundled.checkpoint)
-        names = list(bundled.class_names)
-    config = predictor.config
-    record = {
-        "weights": str(weights),
-        "weights_sha256": file_sha256(weights),
-        "family": predictor.family,
-        "preset": config.name,
-        "device": str(predictor.device),
-        "precision": args.precision,
-        "mask_format": args.mask_format,
-        "num_classes": predictor.num_classes,
-        "class_names": names,
-        "thresholds": {
-            "score": config.score_threshold,
-            "nms": config.nms_threshold,
-            "mask": config.mask_threshold,
-            "detections_per_image": config.detections_per_image,
-        },
-    }
-    job = JobOptions(
-        batch_size=args.batch_size, decode_workers=args.decode_workers, progress=not args.no_progress,
-        format=args.format, rows_per_shard=args.rows_per_shard,
+    record = {"weights": str(weights), "weights_sha256": sha256, "family": predictor.family, "device": str(predictor.device), "num_classes": predictor.num_classes}
+    summary = run_job(
+        predictor, inputs, Path(args.output), options=_job_options(args), class_names=names, category_ids=category_ids,
+        record=record, settings=settings,
     )
-    try:
-        summary = run_job(predictor, inputs, Path(args.output), options=job, class_names=names, record=record)
-    except ValueError as exc:  # an output folder holding the other format
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(summary.line())
     return 0
 
 
-def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
-    from weights.bundled import file_sha256
-    from engine.ray_job import PredictorSpec, import_ray, run_ray_job
+def _quiet_decoder_logs() -> None:
+    """OpenCV logs each undecodable file to stderr; the job writes it to errors.jsonl instead."""
+    import cv2
 
-    ray = import_ray()
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:  # an OpenCV build without the logging utilities
+        pass
+
+
+def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
+    from engine.batch_job import job_settings
+    from engine.ray_job import PredictorSpec, init_ray, run_ray_job
+    from weights.bundled import file_sha256
+
     address = None if args.ray == "local" else args.ray
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    ray = init_ray(address, verbose=args.verbose)
     device = args.device or ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
+    # the driver reads the checkpoint once, for the settings and the names the actors write
+    predictor, weights = _build_predictor(args, "cpu")
+    names, category_ids = predictor.class_names, predictor.coco_category_ids
+    sha256 = file_sha256(weights)
+    settings = job_settings(
+        weights_sha256=sha256, family=predictor.family, config=predictor.config, precision=args.precision,
+        mask_format=args.mask_format, class_names=names, category_ids=category_ids,
+    )
+    record = {"weights": str(weights), "weights_sha256": sha256, "family": predictor.family, "device": device, "num_classes": predictor.num_classes}
+    del predictor
     spec = PredictorSpec(
         weights=args.weights, family=args.family, device=device, precision=args.precision,
         score_threshold=args.score_threshold, mask_format=args.mask_format,
     )
-    if args.weights:
-        from engine.class_names import default_class_names
-        from engine.loading import checkpoint_config, load_checkpoint
-
-        checkpoint = load_checkpoint(args.weights, family=args.family)
-        background = checkpoint_config(checkpoint).background_index
-        names = default_class_names(checkpoint.spec.num_classes, background=background)
-        weights, family = Path(args.weights), checkpoint.family
-    else:
-        from engine.bundled import shapes_model
-
-        bundled = shapes_model()
-        names, weights, family = list(bundled.class_names), Path(bundled.checkpoint), "torchvision"
-    record = {
-        "weights": str(weights),
-        "weights_sha256": file_sha256(weights),
-        "family": family,
-        "device": device,
-        "precision": args.precision,
-        "mask_format": args.mask_format,
-        "score_threshold": args.score_threshold,
-        "class_names": names,
-    }
-    try:
-        summary = run_ray_job(
-            spec, inputs, Path(args.output), address=address, workers=args.workers, batch_size=args.batch_size,
-            class_names=names, record=record, format=args.format, rows_per_shard=args.rows_per_shard,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_ray_job(
+        spec, inputs, Path(args.output), address=address, workers=args.workers, options=_job_options(args),
+        class_names=names, category_ids=category_ids, record=record, settings=settings, verbose=args.verbose,
+    )
     print(summary.line())
     return 0
 
@@ -206,20 +261,39 @@ def to_coco_command(args: argparse.Namespace) -> int:
                 raise ValueError(f"--category-map must hold a JSON object {{label: category_id}}; got {type(category_map).__name__}")
         written = to_coco(run_dir, destination, annotations=args.annotations, category_map=category_map)
     except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
     extra = f"; image ids in {written['images_index']}" if written["images_index"] else ""
     print(f"{written['detections']} detections of {written['images']} images in {written['results']}{extra}")
     return 0
 
 
 def main(argv=None) -> int:
+    """Runs a command; a user's mistake (a missing file, no CUDA, an unreadable checkpoint, an
+    output folder in use or written with other settings) prints one ``error:`` line, exit 2."""
+    from engine.job_outputs import OutputBusyError, SettingsMismatchError
+    from weights.errors import CheckpointError
+
     args = _parser().parse_args(argv)
-    if args.command == "predict":
-        return predict(args)
-    if args.command == "to-coco":
-        return to_coco_command(args)
+    try:
+        if args.command == "predict":
+            return predict(args)
+        if args.command == "to-coco":
+            return to_coco_command(args)
+    except (CommandError, CheckpointError, OutputBusyError, SettingsMismatchError) as exc:
+        return _fail(str(exc))
+    except RuntimeError as exc:
+        if "CUDA" in str(exc) or "device" in str(exc):  # resolve_device: no CUDA, or no such device
+            return _fail(str(exc).replace("use device='cpu'", "use --device cpu"))
+        raise
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
     return 2  # pragma: no cover - argparse refuses other commands
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ mmdetection (2.x / 3.x ``.pth``) and matterport's Keras ``.h5`` files (:mod:`wei
 needs h5py). The family is detected from the checkpoint's keys, or forced with ``family=``; each maps
 onto the same canonical names (:mod:`weights.spec`).
 
+Checkpoint files are untrusted: whatever a file holds, reading it gives the checkpoint or a
+:class:`CheckpointError` (a missing path: FileNotFoundError), runs no code from it, reads no other
+file and takes memory in proportion to its size. Each family reader says what it refuses.
+
 This package is a leaf of the import map: it imports nothing from :mod:`engine`. It does not know
 the engine's configuration; :func:`load_checkpoint` reports what the file itself states (batch-norm
 eps, stride placement, pixel statistics, class names) and :mod:`engine.loading` turns that into the
@@ -26,7 +30,7 @@ from weights import detectron2 as d2_format
 from weights import matterport as mp_format
 from weights import mmdetection as mm_format
 from weights import torchvision as tv_format
-from weights.errors import CheckpointError, format_list
+from weights.errors import CheckpointError, format_list, key_name, require_zip_within_file
 from weights.spec import ArchitectureSpec
 
 __all__ = [
@@ -92,8 +96,18 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
     return dict(state)
 
 
+#: the first bytes of an HDF5 file (Keras .h5) without a user block
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _read_raw(source):
-    """The checkpoint as stored: a mapping (state dict or container); a file is read once."""
+    """The checkpoint as stored: a mapping (state dict or container); a file is read once.
+
+    Files are told apart by suffix and content: ``.pkl`` as a Detectron2 pickle, HDF5 (by suffix
+    or signature) and Keras 3 archives (zip signature and members, refused there) as matterport,
+    anything else with ``torch.load(weights_only=True)``. A missing path raises FileNotFoundError;
+    a directory, device, empty or malformed file CheckpointError.
+    """
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -102,12 +116,20 @@ def _read_raw(source):
             f"got {type(source).__name__}"
         )
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file (a device, a pipe?)"
+        raise CheckpointError(f"{str(path)!r} is {what}; expected a checkpoint file (.pth, .pkl, .h5)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes); expected a checkpoint file (.pth, .pkl, .h5)")
     if path.suffix == ".pkl":
         return d2_format.read_detectron2(path)
-    if path.suffix in (".h5", ".hdf5", ".keras"):
+    with open(path, "rb") as f:
+        is_hdf5 = f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    if path.suffix in (".h5", ".hdf5", ".keras") or is_hdf5 or mp_format.is_keras_archive(path):
         return mp_format.read_matterport(path)
+    require_zip_within_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or a model-zoo pickle under another name
@@ -131,8 +153,8 @@ def _parameter_keys(raw: Mapping) -> list[str]:
     """Parameter names of a state dict, or of a container's ``model`` (Detectron2) or ``state_dict`` (mmdet)."""
     for entry in ("model", "state_dict"):
         if isinstance(raw.get(entry), Mapping):
-            return [str(k) for k in raw[entry]]
-    return [str(k) for k in raw]
+            return [key_name(k) for k in raw[entry]]
+    return [key_name(k) for k in raw]
 
 
 def detect_family(raw: Mapping) -> str:

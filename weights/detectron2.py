@@ -10,13 +10,14 @@ Containers (reference notes B.11):
 - in memory: that container, or the ``model`` state dict itself (tensors or numpy arrays).
 
 **Pickle risk.** Unpickling runs whatever the file says: a crafted ``.pkl`` can call
-``os.system`` or any other importable function while it loads. ``.pkl`` files are therefore
-read with :class:`RestrictedUnpickler`, which resolves only what numpy arrays need
-(``numpy.core.multiarray._reconstruct``/``scalar``, ``numpy._core.numeric._frombuffer``,
-``numpy.ndarray``, ``numpy.dtype``, ``_codecs.encode``), ``collections.OrderedDict`` and a few
-inert builtins (``set``, ``frozenset``, ``complex``, ``bytearray``); any other global is refused
-before it is called. The result is then checked to be a dict whose ``model`` entry maps
-names to numeric arrays (no object arrays). Still, only load checkpoints you trust.
+``os.system`` or any other importable function while it loads, or ask a few bytes in for
+gigabytes (``bytearray(2**34)``, an array of that shape). ``.pkl`` files are therefore read with
+:class:`RestrictedUnpickler`, which resolves only what numpy arrays need (``_reconstruct``,
+``scalar``, ``_frombuffer``, ``numpy.dtype``, ``_codecs.encode`` for latin1), ``OrderedDict``,
+``set`` and ``frozenset``, checks each of them before it runs, and keeps every object it builds
+within the file's size; any other global is refused before it is called. The result is then
+checked to be a dict whose ``model`` entry maps names to numeric arrays (no object arrays),
+whose data, entries sharing one array counted each time, fits in the file.
 
 Key names (reference notes E), Detectron2 -> canonical (torchvision's current names),
 ``s`` = stage 2..5:
@@ -50,10 +51,13 @@ dropped, the pixel statistics reported in :class:`Detectron2Notes`.
 
 from __future__ import annotations
 
+import codecs
 import collections
+import math
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,7 +68,7 @@ import torch
 from torch import Tensor
 
 from weights import layout
-from weights.errors import CheckpointError, format_list, format_lists
+from weights.errors import CheckpointError, format_list, format_lists, key_name, require_zip_within_file
 from weights.spec import ArchitectureSpec
 
 __all__ = [
@@ -152,52 +156,260 @@ def _numpy_core():
     return multiarray, numeric
 
 
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    multiarray, numeric = _numpy_core()
-    allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): __import__("_codecs").encode,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-    }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
-    for module in ("numpy.core.numeric", "numpy._core.numeric"):
-        allowed[(module, "_frombuffer")] = numeric._frombuffer
-    return allowed
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asks for something a Detectron2 checkpoint never holds: a global outside the
+    allowed few, an object of another kind, or more memory than the file's size accounts for."""
 
 
-class ForbiddenGlobalError(pickle.UnpicklingError):
+class ForbiddenGlobalError(UnsafePickleError):
     """The pickle names a global that :class:`RestrictedUnpickler` does not allow."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves numpy array reconstruction and a few inert builtins only.
+class _NdarrayType:
+    """What the pickle's ``numpy.ndarray`` resolves to: the first argument of ``_reconstruct``, which
+    builds the array itself. Calling it (``ndarray(shape)``, an array of any size) is refused."""
 
-    Every other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, any class)
-    raises :class:`ForbiddenGlobalError` before it can be called. Python 2 module names
-    (``__builtin__``) are mapped to Python 3's.
+    def __call__(self, *args, **kwargs):
+        raise UnsafePickleError(
+            "refused to call numpy.ndarray from a pickle: numpy pickles build arrays with _reconstruct "
+            "and fill them from the file's own data"
+        )
+
+
+_NDARRAY = _NdarrayType()
+#: numeric kinds an array may have: bool, signed and unsigned int, float, complex
+_NUMERIC_KINDS = "biufc"
+_LATIN1 = codecs.lookup("latin1").name
+
+
+def _stream_size(file) -> int:
+    """Bytes from the start of a binary file object to its end."""
+    try:
+        return os.fstat(file.fileno()).st_size
+    except (AttributeError, OSError):  # io.BytesIO and other in-memory streams
+        here = file.tell()
+        end = file.seek(0, os.SEEK_END)
+        file.seek(here)
+        return end
+
+
+class _BoundedReader:
+    """A binary file that refuses reads past its end.
+
+    The unpickler reads each length-prefixed string with one ``read(n)``, and a file object
+    allocates ``n`` bytes before it reads; a length larger than the rest of the file is refused
+    here, before anything is allocated.
     """
 
-    _ALLOWED: dict[tuple[str, str], object] | None = None
+    def __init__(self, file, size: int):
+        self._file = file
+        self._remaining = size - file.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self._remaining
+        if n > self._remaining:
+            raise pickle.UnpicklingError(
+                f"pickle data was truncated: it asks for {n} more bytes where the file has {self._remaining} left"
+            )
+        data = self._file.read(n)
+        self._remaining -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        wanted = memoryview(buffer).nbytes
+        if wanted > self._remaining:
+            self.read(wanted)  # raises: truncated
+        count = self._file.readinto(buffer)
+        self._remaining -= count
+        return count
+
+    def readline(self) -> bytes:
+        line = self._file.readline(self._remaining)
+        self._remaining -= len(line)
+        return line
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler for Detectron2 model-zoo ``.pkl`` files: numpy arrays, plain containers and
+    strings, in memory bounded by the file's size.
+
+    Model-zoo files are ``{'model': {name: ndarray}, '__author__': ..., 'matching_heuristics': ...}``
+    pickled by Python 2 or 3 (protocol 2 mostly) and read with ``encoding='latin1'``. What may
+    be named, and why nothing else:
+
+    - numpy arrays: ``_reconstruct(ndarray, (0,), 'b')`` then the array's ``__setstate__``
+      with (shape, dtype, raw bytes); ``numpy.dtype``; ``scalar`` (numpy scalars); protocol 5's
+      ``_frombuffer``. Each is checked before it runs: numeric dtypes only (an object dtype
+      unpickles a list of objects and sizes its storage from the shape alone), shapes whose
+      bytes match the raw data given, and ``ndarray`` itself is not callable.
+    - ``_codecs.encode(text, 'latin1')``, how Python 3 writes bytes at protocol < 3; no other codec.
+    - ``collections.OrderedDict``, ``set``, ``frozenset``, and ``bytes()`` without arguments
+      (Python 3's protocol 2 empty bytes).
+
+    Any other global (``os.system``, ``builtins.eval``, ``bytearray``, any class) raises
+    :class:`ForbiddenGlobalError` before it can be called; Python 2's ``__builtin__`` is read as
+    ``builtins``. State may be set (``BUILD``) on arrays and dtypes only.
+
+    Memory: a hostile pickle is only a few bytes asking for huge objects (``bytearray(2**34)``, an
+    array of that shape, a string of that length). Every length the stream declares must fit in
+    what is left of the file, and the arrays built (and the bytes ``_codecs.encode`` makes) may
+    not add up to more than the file's size, since a real checkpoint's data is in the file; any
+    more is refused with :class:`UnsafePickleError` before it is allocated. This is why the
+    pure-Python unpickler is used: the C one allocates a declared length before reading it.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, *, encoding: str = "latin1", errors: str = "strict"):
+        self._file_size = _stream_size(file)
+        super().__init__(_BoundedReader(file, self._file_size), encoding=encoding, errors=errors)
+        self._spent = {"array": 0, "bytes": 0}
+        multiarray, numeric = _numpy_core()
+        self._originals = multiarray, numeric
+        self._allowed: dict[tuple[str, str], object] = {
+            ("numpy", "ndarray"): _NDARRAY,
+            ("numpy", "dtype"): self._dtype,
+            ("_codecs", "encode"): self._encode,
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("builtins", "bytes"): self._empty_bytes,
+        }
+        for core in ("numpy.core", "numpy._core"):
+            self._allowed[(f"{core}.multiarray", "_reconstruct")] = self._reconstruct
+            self._allowed[(f"{core}.multiarray", "scalar")] = self._scalar
+            self._allowed[(f"{core}.numeric", "_frombuffer")] = self._frombuffer
 
     def find_class(self, module: str, name: str):
         if module == "__builtin__":
             module = "builtins"
-        if RestrictedUnpickler._ALLOWED is None:
-            RestrictedUnpickler._ALLOWED = _allowed_globals()
         try:
-            return RestrictedUnpickler._ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
             raise ForbiddenGlobalError(
                 f"refused to load the global {module}.{name}: a Detectron2 .pkl checkpoint holds only numpy arrays, "
-                "numbers and strings, and anything else could run code while unpickling"
+                "numbers and strings, and anything else could run code or take unbounded memory while unpickling"
             ) from None
+
+    # --- the allowed constructors, checked ---
+
+    def _spend(self, kind: str, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` more of ``kind`` ("array" data or encoded "bytes") against the file's size."""
+        self._spent[kind] += nbytes
+        if self._spent[kind] > self._file_size:
+            so_far = f" ({self._spent[kind]} bytes of {kind} data so far)" if self._spent[kind] > nbytes else ""
+            raise UnsafePickleError(
+                f"refused {what}: the pickle asks for {nbytes} bytes{so_far}, more than the {self._file_size} bytes "
+                "of the file; a checkpoint's arrays are stored in the file, so it cannot need more"
+            )
+
+    @staticmethod
+    def _checked_dtype(dtype) -> np.dtype:
+        """``dtype`` if it is a plain numeric dtype (no objects, fields or sub-arrays)."""
+        if not isinstance(dtype, np.dtype):
+            raise UnsafePickleError(f"expected a numpy dtype in the pickle, got a {type(dtype).__name__}")
+        plain = np.dtype(dtype.str)  # a fresh descriptor from the type string: what the flags should be
+        if (
+            dtype.kind not in _NUMERIC_KINDS
+            or dtype.hasobject
+            or dtype.names is not None
+            or dtype.subdtype is not None
+            or (dtype.flags, dtype.itemsize) != (plain.flags, plain.itemsize)
+        ):
+            raise UnsafePickleError(
+                f"refused the numpy dtype {dtype} (kind {dtype.kind!r}, flags {dtype.flags}): checkpoint arrays "
+                "hold plain numbers (bool, int, float), without objects, fields or sub-arrays"
+            )
+        return dtype
+
+    def _array_bytes(self, shape, dtype: np.dtype, what: str) -> int:
+        if not (isinstance(shape, tuple) and len(shape) <= 32 and all(type(n) is int and n >= 0 for n in shape)):
+            raise UnsafePickleError(f"refused {what}: its shape {shape!r} is not a tuple of sizes")
+        return math.prod(shape) * dtype.itemsize
+
+    def _dtype(self, spec, align=False, copy=False) -> np.dtype:
+        """``numpy.dtype('f4', False, True)``: always a fresh descriptor, so a later ``BUILD``
+        cannot change numpy's shared ones."""
+        if not (isinstance(spec, str) and len(spec) <= 8):
+            raise UnsafePickleError(f"refused numpy.dtype({spec!r}): checkpoint arrays have plain numeric dtypes")
+        return self._checked_dtype(np.dtype(spec, bool(align), True))
+
+    def _reconstruct(self, subtype, shape, typecode):
+        if subtype is not _NDARRAY:
+            raise UnsafePickleError(f"refused _reconstruct of a {type(subtype).__name__}: only numpy.ndarray")
+        if not (isinstance(typecode, (str, bytes)) and len(typecode) <= 8):
+            raise UnsafePickleError(f"refused _reconstruct with the type code {typecode!r}")
+        dtype = self._checked_dtype(np.dtype(typecode))
+        self._spend("array", self._array_bytes(shape, dtype, "an array"), f"an array of shape {shape}")
+        return self._originals[0]._reconstruct(np.ndarray, shape, dtype)
+
+    def _scalar(self, dtype, data=None):
+        dtype = self._checked_dtype(dtype)
+        if not (isinstance(data, (bytes, str)) and len(data) == dtype.itemsize):
+            raise UnsafePickleError(f"refused a numpy {dtype} scalar: expected {dtype.itemsize} bytes of data")
+        self._spend("array", dtype.itemsize, "a numpy scalar")
+        return self._originals[0].scalar(dtype, data)
+
+    def _frombuffer(self, buffer, dtype, shape, order, axis_order=None):
+        dtype = self._checked_dtype(dtype)
+        nbytes = self._array_bytes(shape, dtype, "an array")
+        if not (isinstance(buffer, (bytes, bytearray)) and len(buffer) == nbytes):
+            raise UnsafePickleError(f"refused an array of shape {shape} {dtype}: its data is not {nbytes} bytes")
+        self._spend("array", nbytes, f"an array of shape {shape}")
+        return self._originals[1]._frombuffer(buffer, dtype, shape, order, axis_order)
+
+    def _encode(self, text, encoding="utf-8", errors="strict") -> bytes:
+        """``_codecs.encode(text, 'latin1')``: Python 3's bytes at protocol < 3, one byte per character."""
+        if not (isinstance(text, str) and isinstance(encoding, str) and codecs.lookup(encoding).name == _LATIN1):
+            raise UnsafePickleError(
+                f"refused _codecs.encode(..., {encoding!r}): only latin1 text, the way Python 3 pickles bytes"
+            )
+        self._spend("bytes", len(text), "encoded bytes")
+        return text.encode("latin1")
+
+    @staticmethod
+    def _empty_bytes(*args) -> bytes:
+        if args:
+            raise UnsafePickleError("refused bytes(...) with arguments: protocol 2 writes only bytes() (empty)")
+        return b""
+
+    # --- opcodes that allocate or set state ---
+
+    def _load_build(self):
+        """``BUILD``: set an array's (shape, dtype, data) or a dtype's state; nothing else has state here."""
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.ndarray):
+            self._check_array_state(state)
+        elif not isinstance(target, np.dtype):
+            raise UnsafePickleError(f"refused to set the state of a {type(target).__name__}: only arrays and dtypes")
+        pickle._Unpickler.load_build(self)
+        if isinstance(target, np.dtype):
+            self._checked_dtype(target)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
+    def _check_array_state(self, state) -> None:
+        """ndarray ``__setstate__``'s ``(version, shape, dtype, is_fortran, raw data)``: numeric and sized alike."""
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise UnsafePickleError("refused an array state that is not (shape, dtype, is_fortran, data)")
+        shape, dtype, _, data = state
+        dtype = self._checked_dtype(dtype)
+        nbytes = self._array_bytes(shape, dtype, "an array")
+        if not (isinstance(data, (bytes, str)) and len(data) == nbytes):
+            raise UnsafePickleError(
+                f"refused an array of shape {shape} {dtype}: its data is not {nbytes} bytes of the file"
+            )
+        self._spend("array", nbytes, f"an array of shape {shape}")
+
+    def _load_bytearray8(self):
+        """``BYTEARRAY8``: read first (the bounded reader checks the length), then copy."""
+        (size,) = struct.unpack("<Q", self.read(8))
+        self.append(bytearray(self.read(size)))
+
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
 
 def _load_pickle(path: Path):
@@ -229,6 +441,8 @@ def _read_file(path: Path):
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # a zip cut short has lost its central directory
     what = "a PyTorch checkpoint" if is_zip else "a pickle"
+    if is_zip:
+        require_zip_within_file(path)
     try:
         if is_zip:
             return _load_torch(path)
@@ -237,7 +451,7 @@ def _read_file(path: Path):
             what = "a PyTorch checkpoint"
             return _load_torch(path)
         return obj
-    except ForbiddenGlobalError as exc:
+    except UnsafePickleError as exc:
         raise CheckpointError(f"{str(path)!r}: {exc}") from exc
     except Exception as exc:  # truncated, not a checkpoint, pickled objects torch refuses
         raise CheckpointError(f"could not read {str(path)!r} as {what} ({_short(exc)}); {_EXPECTED}") from exc
@@ -264,7 +478,7 @@ def _model_entry(obj, where: str) -> Mapping:
                 f"{where}: its 'model' entry is a {type(model).__name__}, not a dict of arrays; {_EXPECTED}"
             )
         return model
-    top = [str(k) for k in obj]
+    top = [key_name(k) for k in obj]
     if "state_dict" in obj:
         raise CheckpointError(
             f"{where} is an mmdetection / mmengine container ({format_list('top-level keys', top)}), "
@@ -298,11 +512,14 @@ def _to_tensor(value):
 def _tensor_state(model: Mapping, where: str) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     bad: list[str] = []
+    converted: dict[int, Tensor] = {}  # id(array) -> tensor: an array under several names is converted once
     for key, value in model.items():
-        tensor = _to_tensor(value) if isinstance(key, str) else None
-        if tensor is None:
+        tensor = converted.get(id(value))
+        if tensor is None and isinstance(key, str):
+            tensor = converted[id(value)] = _to_tensor(value)
+        if tensor is None or not isinstance(key, str):
             dtype = f" {value.dtype}" if isinstance(value, np.ndarray) else ""
-            bad.append(f"{key!s} ({type(value).__name__}{dtype})")
+            bad.append(f"{key_name(key)} ({type(value).__name__}{dtype})")
         else:
             state[key] = tensor
     if bad:
@@ -311,6 +528,19 @@ def _tensor_state(model: Mapping, where: str) -> dict[str, Tensor]:
             + format_list("entries that are not", bad)
         )
     return state
+
+
+def _check_fits_in_file(state: Mapping[str, Tensor], path: Path, where: str) -> None:
+    """Refuse parameters holding more bytes than the file: a pickle can name one array under any
+    number of keys, and every later step (conversion, the network built from the sizes read)
+    would pay for each name."""
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    size = path.stat().st_size
+    if total > size:
+        raise CheckpointError(
+            f"{where}: its {len(state)} parameters hold {total} bytes, more than the {size} bytes of the file "
+            "(entries sharing one array count once per name); a checkpoint stores each parameter's data once"
+        )
 
 
 def read_detectron2(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
@@ -341,11 +571,14 @@ def read_detectron2(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
             f"got {type(source).__name__}"
         )
     model = _model_entry(obj, where)
-    keys = [str(k) for k in model]
+    keys = [key_name(k) for k in model]
     if not looks_like_detectron2(keys):
         shown = f"its keys ({len(keys)}) include: {', '.join(sorted(keys)[:8])}" if keys else "it is empty"
         raise CheckpointError(f"{where}: {_describe_other_family(keys)}{_EXPECTED}; {shown}")
-    return _tensor_state(model, where)
+    state = _tensor_state(model, where)
+    if not isinstance(source, Mapping):
+        _check_fits_in_file(state, path, where)
+    return state
 
 
 def looks_like_detectron2(keys: Iterable[str]) -> bool:

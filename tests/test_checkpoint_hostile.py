@@ -513,3 +513,21 @@ def test_truncated_or_corrupted_checkpoints_load_or_give_checkpoint_errors(tmp_p
         load_checkpoint(path)
     except CheckpointError:
         pass
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["backbone.body.layer1.0.conv2.weight", "roi_heads.box_predictor.cls_score.weight", "rpn.head.cls_logits.weight"],
+)
+def test_a_state_dict_missing_a_tensor_the_sizes_are_read_from_gives_checkpoint_error(key):
+    """A tensor the family's conversion reads deep inside (not one of its signature keys): the
+    raw KeyError it met becomes a CheckpointError naming the family."""
+    from tiny import tiny_state_dict
+
+    from weights import load_checkpoint
+    from weights.errors import CheckpointError
+
+    state = tiny_state_dict()
+    del state[key]
+    with pytest.raises(CheckpointError, match="torchvision"):
+        load_checkpoint(state)

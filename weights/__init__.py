@@ -196,6 +196,19 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], *, family:
         raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} or None; got {family!r}")
     raw = _read_raw(source)
     family = family or detect_family(raw)
+    try:
+        return _convert(raw, family)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        # a tensor missing or of an unexpected shape or type deep in a family's conversion: the
+        # file is malformed for that family, whatever the Python error that found it
+        detail = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"malformed {family} checkpoint ({detail[:300]})") from exc
+
+
+def _convert(raw, family: str) -> Checkpoint:
+    """The canonical :class:`Checkpoint` of a checkpoint already read and of a known family."""
     if family == "matterport":
         canonical, spec = mp_format.convert(raw)
         return Checkpoint(state_dict=canonical, spec=spec, family="matterport")

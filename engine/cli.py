@@ -173,9 +173,22 @@ def _build_predictor(args: argparse.Namespace, device: str):
     return shapes_predictor(**options), Path(shapes_model().checkpoint)
 
 
-def predict(args: argparse.Namespace) -> int:
-    from engine.batch_job import collect_inputs, job_settings, run_job
+def _settings_and_record(args: argparse.Namespace, predictor, weights: Path, device: str) -> tuple[dict, dict]:
+    """The job's settings (checked on a resume) and the other entries of ``run.json``."""
+    from engine.batch_job import job_settings
     from weights.bundled import file_sha256
+
+    sha256 = file_sha256(weights)
+    settings = job_settings(
+        weights_sha256=sha256, family=predictor.family, config=predictor.config, precision=args.precision,
+        mask_format=args.mask_format, class_names=predictor.class_names, category_ids=predictor.coco_category_ids,
+    )
+    record = {"weights": str(weights), "weights_sha256": sha256, "family": predictor.family, "device": device, "num_classes": predictor.num_classes}
+    return settings, record
+
+
+def predict(args: argparse.Namespace) -> int:
+    from engine.batch_job import collect_inputs, run_job
 
     _check_extras(args)
     try:
@@ -191,16 +204,10 @@ def predict(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor, weights = _build_predictor(args, device)
-    names, category_ids = predictor.class_names, predictor.coco_category_ids
-    sha256 = file_sha256(weights)
-    settings = job_settings(
-        weights_sha256=sha256, family=predictor.family, config=predictor.config, precision=args.precision,
-        mask_format=args.mask_format, class_names=names, category_ids=category_ids,
-    )
-    record = {"weights": str(weights), "weights_sha256": sha256, "family": predictor.family, "device": str(predictor.device), "num_classes": predictor.num_classes}
+    settings, record = _settings_and_record(args, predictor, weights, device)
     summary = run_job(
-        predictor, inputs, Path(args.output), options=_job_options(args), class_names=names, category_ids=category_ids,
-        record=record, settings=settings,
+        predictor, inputs, Path(args.output), options=_job_options(args), class_names=settings["class_names"],
+        category_ids=predictor.coco_category_ids, record=record, settings=settings,
     )
     print(summary.line())
     return 0
@@ -217,22 +224,15 @@ def _quiet_decoder_logs() -> None:
 
 
 def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
-    from engine.batch_job import job_settings
     from engine.ray_job import PredictorSpec, init_ray, run_ray_job
-    from weights.bundled import file_sha256
 
     address = None if args.ray == "local" else args.ray
     ray = init_ray(address, verbose=args.verbose)
     device = args.device or ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
     # the driver reads the checkpoint once, for the settings and the names the actors write
     predictor, weights = _build_predictor(args, "cpu")
-    names, category_ids = predictor.class_names, predictor.coco_category_ids
-    sha256 = file_sha256(weights)
-    settings = job_settings(
-        weights_sha256=sha256, family=predictor.family, config=predictor.config, precision=args.precision,
-        mask_format=args.mask_format, class_names=names, category_ids=category_ids,
-    )
-    record = {"weights": str(weights), "weights_sha256": sha256, "family": predictor.family, "device": device, "num_classes": predictor.num_classes}
+    settings, record = _settings_and_record(args, predictor, weights, device)
+    names, category_ids = settings["class_names"], predictor.coco_category_ids
     del predictor
     spec = PredictorSpec(
         weights=args.weights, family=args.family, device=device, precision=args.precision,

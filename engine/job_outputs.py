@@ -375,13 +375,25 @@ def check_settings(output: Path, settings: Mapping, *, force: bool = False) -> N
         raise SettingsMismatchError(f"{Path(output) / RUN_RECORD} cannot be read ({exc}); use another --output") from None
     if previous is None or force:
         return
-    differ = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+    before, now = _flat(previous), _flat(settings)
+    differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if differ:
-        shown = "; ".join(f"{k}: {_short(previous.get(k))} before, {_short(settings.get(k))} now" for k in differ)
+        shown = "; ".join(f"{k}: {_short(before.get(k))} before, {_short(now.get(k))} now" for k in differ)
         raise SettingsMismatchError(
             f"{output} holds predictions made with other settings ({shown}); use another --output for these settings, "
             "or --force to add to this folder anyway"
         )
+
+
+def _flat(settings: Mapping, prefix: str = "") -> dict:
+    """``{"thresholds": {"score": 0.5}}`` as ``{"thresholds.score": 0.5}``, so a message names the leaf."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(value) -> str:

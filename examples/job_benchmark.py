@@ -5,9 +5,13 @@
 Two measurements, each in a fresh process running the engine of ``--root`` (default: this
 checkout), so that the same script measures an older checkout for a before/after table:
 
-- ``job``: ``maskrcnn-engine predict`` (bundled shapes model, CPU, batch 4, full masks) over
+- ``job``: ``maskrcnn-engine predict`` (bundled shapes model, CPU, batch 4, box masks by
+  default, so that the masks of the huge image, 144 MB each when full, do not hide the decoding) over
   ``--images`` photographs of mixed sizes from scikit-image (up to 1024 px on the long side),
   one of them a 12000 x 12000 JPEG; the peak resident set (VmHWM) and seconds.
+- ``large``: the same job over ``--large-images`` 4000 x 3000 JPEGs (36 MB each decoded), where
+  the decoded images held at once, not one image's own processing, set the peak; with
+  ``--decode-budget MIB`` passed to the job when given (checkouts that have the option).
 - ``resume``: the resume index of an output folder holding ``--rows`` synthetic prediction rows
   (each 20 detections with 400-byte RLE strings, as a real run writes them): seconds and peak
   resident set of reading which image ids are done (``read_index`` here, ``read_done_ids`` in
@@ -80,6 +84,18 @@ def make_images(folder: Path, count: int) -> None:
     cv2.imwrite(str(folder / "huge_12000x12000.jpg"), big[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
 
 
+def make_large_images(folder: Path, count: int) -> None:
+    """``count`` 4000 x 3000 JPEGs, each a different crop of an upscaled photograph."""
+    import cv2
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    big = cv2.resize(data.astronaut(), (4400, 3300), interpolation=cv2.INTER_LINEAR)
+    for i in range(count):
+        y, x = (i * 37) % 300, (i * 53) % 400
+        cv2.imwrite(str(folder / f"large{i:03d}.jpg"), big[y : y + 3000, x : x + 4000, ::-1])
+
+
 def make_rows(folder: Path, rows: int) -> None:
     """``rows`` lines of predictions.jsonl as a real run writes them."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +115,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="folder for the generated images and rows (default: a temporary one)")
     parser.add_argument("--images", type=int, default=200, help="images in the job, one of them 12000 x 12000")
     parser.add_argument("--rows", type=int, default=100_000, help="rows in the resumed predictions.jsonl")
-    parser.add_argument("--sections", default="job,resume", help="comma-separated: job, resume")
+    parser.add_argument("--sections", default="job,resume", help="comma-separated: job, large, resume")
+    parser.add_argument("--large-images", type=int, default=64, help="images of the large section")
+    parser.add_argument("--decode-budget", type=int, default=None, help="the large section's --decode-budget (MiB), if given")
+    parser.add_argument("--mask-format", default="box", choices=("box", "full"), help="the job's --mask-format")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     work = Path(args.work or tempfile.mkdtemp(prefix="job_benchmark_"))
@@ -110,8 +129,17 @@ def main(argv=None) -> int:
         if not images.is_dir():
             make_images(images, args.images)
         out = Path(tempfile.mkdtemp(prefix="job_out_", dir=work))
-        job_args = ["predict", str(images), "-o", str(out), "--device", "cpu", "--batch-size", "4", "--no-progress"]
+        job_args = ["predict", str(images), "-o", str(out), "--device", "cpu", "--batch-size", "4", "--no-progress", "--mask-format", args.mask_format]
         report["job"] = _measure(root, _JOB, job_args)
+    if "large" in sections:
+        large = work / "large"
+        if not large.is_dir():
+            make_large_images(large, args.large_images)
+        out = Path(tempfile.mkdtemp(prefix="large_out_", dir=work))
+        job_args = ["predict", str(large), "-o", str(out), "--device", "cpu", "--batch-size", "4", "--no-progress", "--mask-format", "box"]
+        if args.decode_budget is not None:
+            job_args += ["--decode-budget", str(args.decode_budget)]
+        report["large"] = _measure(root, _JOB, job_args)
     if "resume" in sections:
         rows = work / "rows"
         if not (rows / "predictions.jsonl").exists():

@@ -285,6 +285,9 @@ def main(argv=None) -> int:
         if "CUDA" in str(exc) or "device" in str(exc):  # resolve_device: no CUDA, or no such device
             return _fail(str(exc).replace("use device='cpu'", "use --device cpu"))
         raise
+    except OSError as exc:  # an output that is a file, a full disk, no permission: the system's own words
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

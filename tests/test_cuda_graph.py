@@ -28,8 +28,8 @@ def test_cuda_graph_must_be_a_bool():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graph_matches_eager(precision):
-    eager = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, device="cuda", precision=precision)
-    graphed = Predictor(tiny_state_dict(), device="cpu", config=TINY_CONFIG, device="cuda", precision=precision, cuda_graph=True)
+    eager = Predictor(tiny_state_dict(), config=TINY_CONFIG, device="cuda", precision=precision)
+    graphed = Predictor(tiny_state_dict(), config=TINY_CONFIG, device="cuda", precision=precision, cuda_graph=True)
     batches = [_images([(120, 90), (97, 131)]), _images([(150, 111)]), _images([(120, 90), (97, 131)])]
     for images in batches:
         want, got = eager.run(images), graphed.run(images)

@@ -334,8 +334,9 @@ def test_image_ids_do_not_depend_on_how_the_input_was_spelled(tmp_path, monkeypa
         (["--batch-size", "0"], "must be >= 1"),
         (["--score-threshold", "high"], "expected a number"),
         (["--precision", "fp8"], "invalid choice"),
+        (["--output", "{file}"], "File exists"),
     ],
-    ids=["no-cuda", "missing-weights", "unknown-checkpoint", "batch-size", "score", "precision"],
+    ids=["no-cuda", "missing-weights", "unknown-checkpoint", "batch-size", "score", "precision", "output-is-a-file"],
 )
 def test_command_line_mistakes_print_one_line(hostile_dir, tmp_path, extra, expected):
     import torch
@@ -344,7 +345,9 @@ def test_command_line_mistakes_print_one_line(hostile_dir, tmp_path, extra, expe
         pytest.skip("CUDA is present")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(os.urandom(300))
-    extra = [str(garbage) if e == "{garbage}" else e for e in extra]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    extra = [{"{garbage}": str(garbage), "{file}": str(a_file)}.get(e, e) for e in extra]
     command = [sys.executable, "-m", "engine.cli", "predict", str(hostile_dir / "good0.png"), "-o", str(tmp_path / "out"), *extra]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert done.returncode == 2

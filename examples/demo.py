@@ -37,13 +37,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import Predictor  # noqa: E402
-from engine.image_files import ImageDecodeError, decode_image_file  # noqa: E402
+from engine.image_files import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file  # noqa: E402
 from engine.results import Detections  # noqa: E402
 
 #: the demo's default --score-threshold (``maskrcnn-engine predict`` keeps the family's, 0.05; matterport 0.7)
 DEMO_SCORE_THRESHOLD = 0.5
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def colour(i: int) -> tuple[int, int, int]:

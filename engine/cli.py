@@ -112,6 +112,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive_int, default=1, help="with --ray: predictor actors (one GPU each on GPU nodes)")
     p.add_argument("--verbose", action="store_true", help="with --ray: show Ray's own logs and progress")
+    s = commands.add_parser(
+        "serve",
+        formatter_class=_Help,
+        help="serve a checkpoint over HTTP: the Open Inference Protocol (KServe v2) and POST /predict",
+        description="Serves a checkpoint over HTTP with dynamic batching (images of one padded canvas share a "
+        "forward pass, so an answer never depends on the other requests). Ready when GET /v2/health/ready says so. "
+        "Needs the serve extra: pip install 'maskrcnn-engine[serve]'.",
+    )
+    s.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
+    s.add_argument("--model-name", help="the model's name in the protocol's paths (default: the weights file's stem)")
+    s.add_argument("--family", choices=("torchvision", "detectron2", "mmdetection", "matterport"), help="checkpoint family, if it cannot be told from the file (default: detected)")
+    s.add_argument("--class-names", metavar="FILE", help="the foreground class names, one per line in label order (default: the checkpoint's own or COCO's)")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="arithmetic of the network")
+    s.add_argument("--score-threshold", type=_score, default=None, help="keep detections scoring above this (default: the checkpoint family's own: 0.05, matterport 0.7)")
+    s.add_argument("--mask-format", default="box", choices=("full", "box"), help="masks held as box crops or full images while encoding (the same RLEs)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (put a TLS proxy in front to expose it)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward pass at most")
+    s.add_argument("--max-delay-ms", type=float, default=5.0, help="ms a batch waits for company after its first image")
+    s.add_argument("--max-queue", type=_positive_int, default=64, help="images waiting at most; more get 503 with Retry-After")
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="request bodies over this get 413")
+    s.add_argument("--max-pixels", type=_max_pixels, default=100_000_000, help="images over this (by their header) get 413; 0: no limit")
+    s.add_argument("--api-key-file", metavar="FILE", help="a file holding the key every endpoint but the health checks wants as 'Authorization: Bearer KEY' (default: no key)")
     c = commands.add_parser(
         "to-coco",
         formatter_class=_Help,
@@ -267,6 +291,40 @@ def to_coco_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CommandError("serve needs its extra: pip install 'maskrcnn-engine[serve]'") from None
+    from engine.serve.app import ServeOptions, create_app
+    from engine.serve.server import run_server
+
+    if args.weights and not Path(args.weights).is_file():
+        raise CommandError(f"--weights {args.weights}: no such file")
+    api_key = None
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"--api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+        if not api_key:
+            raise CommandError(f"--api-key-file {args.api_key_file} is empty")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor, weights = _build_predictor(args, device)
+    name = args.model_name or weights.stem
+    options = ServeOptions(
+        model_name=name, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb, max_pixels=args.max_pixels or None, api_key=api_key,
+    )
+    print(f"serving {name} ({predictor.family}, {device}) on http://{args.host}:{args.port}/v2/models/{name}", flush=True)
+    run_server(create_app(predictor, options), host=args.host, port=args.port)
+    return 0
+
+
 def main(argv=None) -> int:
     """Runs a command; a user's mistake (a missing file, no CUDA, an unreadable checkpoint, an
     output folder in use or written with other settings) prints one ``error:`` line, exit 2."""
@@ -279,6 +337,8 @@ def main(argv=None) -> int:
             return predict(args)
         if args.command == "to-coco":
             return to_coco_command(args)
+        if args.command == "serve":
+            return serve_command(args)
     except (CommandError, CheckpointError, OutputBusyError, SettingsMismatchError) as exc:
         return _fail(str(exc))
     except RuntimeError as exc:

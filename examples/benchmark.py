@@ -31,6 +31,10 @@ photographs from scikit-image. Reported:
   against a plain loop of ``Predictor.run`` over the same files (decode, run, nothing written),
   and the in-process job's time by step (decoding, waiting for it, predicting, encoding the RLEs
   and rows, writing);
+- the server (``--sections serve``): ``maskrcnn-engine serve`` started on localhost and driven by
+  a bounded asyncio client (each image posted once, 1, 4, 16 and 64 at a time), one-size and
+  mixed-size images, with batching and with it off, against a plain ``Predictor.run`` loop at its
+  best batch size: images/s, p50/p90/p99 latency, mean batch size, errors, peak server memory;
 - one large image (``--sections large_image``, 8000x6000 by default): the growth of the process's
   peak resident memory (and the CUDA peak) over one ``run()`` of the bundled model, with full and
   with box masks, each in a fresh process (Linux: read from /proc).
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -69,7 +74,7 @@ from kernels.nms import batched_nms  # noqa: E402
 from kernels.paste_masks import paste_masks  # noqa: E402
 from kernels.roi_align import LevelRule, multilevel_roi_align  # noqa: E402
 
-SECTIONS = ("end_to_end", "profile", "peers", "scaling", "kernels", "job", "large_image")
+SECTIONS = ("end_to_end", "profile", "peers", "scaling", "kernels", "job", "large_image", "serve")
 PEER_NAMES = ("torchvision", "mmdetection")
 PROFILE_PRESETS = (
     "torchvision_maskrcnn_resnet50_fpn",
@@ -857,6 +862,174 @@ def large_image_markdown(rows: list[dict] | str) -> list[str]:
     return lines
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+SERVE_WORKLOADS = ("one_size", "mixed")
+
+
+def serve_images(workload: str, count: int) -> list[bytes]:
+    """PNG files of the bundled model's shape images: all of one size (a camera stream), or of
+    mixed sizes (every other one resized, as photographs of several aspect ratios)."""
+    import cv2
+
+    from weights.shapes import generate
+
+    files = []
+    for i in range(count):
+        rgb = generate(31, i).image
+        if workload == "mixed" and i % 2:
+            rgb = cv2.resize(rgb, (rgb.shape[1] + 48 * (i % 4), rgb.shape[0] + 32 * (i % 3)))
+        files.append(cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))[1].tobytes())
+    return files
+
+
+def _serve_process(port: int, device: str, max_batch_size: int):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "engine.cli", "serve", "--device", device, "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-queue", "256"]
+    return subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_ready(url: str, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {url} did not get ready in {timeout:.0f} s")
+
+
+def _drive(url: str, files: list[bytes], concurrency: int, timeout: float) -> dict:
+    """A bounded load: each file posted once to /predict, ``concurrency`` at a time (asyncio and
+    httpx); per request latency and status."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> tuple[list[float], list[int], float]:
+        latencies, statuses = [], []
+        queue = list(enumerate(files))
+        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+            async def worker():
+                while queue:
+                    _, body = queue.pop()
+                    start = time.perf_counter()
+                    try:
+                        response = await client.post(f"{url}/predict", content=body)
+                        statuses.append(response.status_code)
+                    except httpx.HTTPError:
+                        statuses.append(0)
+                    latencies.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return latencies, statuses, time.perf_counter() - start
+
+    latencies, statuses, seconds = asyncio.run(run())
+    ok = [l for l, s in zip(latencies, statuses) if s == 200]
+    quantile = lambda q: float(np.quantile(ok, q)) if ok else float("nan")  # noqa: E731
+    return {
+        "images_per_s": len(ok) / seconds,
+        "p50_s": quantile(0.5), "p90_s": quantile(0.9), "p99_s": quantile(0.99),
+        "errors": len(statuses) - len(ok),
+    }
+
+
+def _metric_sum_count(url: str, name: str) -> tuple[float, float]:
+    import httpx
+
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name}_sum ") or line.startswith(f"{name}_count "):
+            key, value = line.split()
+            values[key.rsplit("_", 1)[1]] = float(value)
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) / 1024
+
+
+def bench_serve(args, device) -> dict:
+    """``maskrcnn-engine serve`` under a bounded load on localhost against a plain loop of
+    ``Predictor.run`` at its best batch size (the ceiling) and the server with batching off."""
+    import socket
+
+    from engine.bundled import shapes_predictor
+    from engine.image_files import decode_image_bytes
+
+    predictor = shapes_predictor(device=str(device), mask_format="box")
+    report = {"requests": args.serve_requests, "concurrency": args.serve_concurrency, "workloads": {}}
+    for workload in SERVE_WORKLOADS:
+        files = serve_images(workload, args.serve_requests)
+        images = [decode_image_bytes(f) for f in files]
+        best = None
+        for batch in args.serve_loop_batches:
+            def loop():
+                for start in range(0, len(images), batch):
+                    predictor.run(images[start : start + batch])
+            result = summary(measure(loop, device=device, warmup=1, repeats=args.repeats_job), items=len(images))
+            if best is None or result["items_per_s"] > best["items_per_s"]:
+                best = {**result, "batch": batch}
+        rows = []
+        for label, max_batch in (("batching", args.serve_max_batch), ("batching off", 1)):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = _serve_process(port, str(device), max_batch)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_ready(url)
+                _drive(url, files[: max(4, len(files) // 4)], 4, args.serve_timeout)  # warm-up
+                for concurrency in args.serve_concurrency:
+                    before = _metric_sum_count(url, "maskrcnn_batch_size")
+                    run = _drive(url, files, concurrency, args.serve_timeout)
+                    after = _metric_sum_count(url, "maskrcnn_batch_size")
+                    batches = after[1] - before[1]
+                    run.update({
+                        "server": label, "concurrency": concurrency,
+                        "mean_batch": (after[0] - before[0]) / batches if batches else 0.0,
+                        "vs_plain_loop": run["images_per_s"] / best["items_per_s"],
+                        "peak_server_mib": _peak_rss_mib(proc.pid),
+                    })
+                    rows.append(run)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+        report["workloads"][workload] = {"plain_loop": best, "runs": rows}
+    return report
+
+
+def serve_markdown(report: dict) -> list[str]:
+    lines = [
+        f"`maskrcnn-engine serve`, bundled shapes model, {report['requests']} requests per run to `POST /predict` "
+        "(an asyncio httpx client on localhost), against a plain loop of `Predictor.run` at its best batch size:",
+    ]
+    for workload, res in report["workloads"].items():
+        plain = res["plain_loop"]
+        lines += [
+            "",
+            f"{workload.replace('_', ' ')}: plain loop {plain['items_per_s']:.2f} images/s at batch {plain['batch']}.",
+            "",
+            "| server | concurrency | images/s | vs plain loop | p50 ms | p90 ms | p99 ms | mean batch | errors | peak server MiB |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in res["runs"]:
+            lines.append(
+                f"| {r['server']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['vs_plain_loop']:.2f}x | {r['p50_s'] * 1e3:.0f} "
+                f"| {r['p90_s'] * 1e3:.0f} | {r['p99_s'] * 1e3:.0f} | {r['mean_batch']:.2f} | {r['errors']} | {r['peak_server_mib']:.0f} |"
+            )
+    return lines
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -876,6 +1049,8 @@ def markdown(report: dict) -> str:
         lines += [""] + scaling_markdown(report["scaling"])
     if "large_image" in report:
         lines += [""] + large_image_markdown(report["large_image"])
+    if "serve" in report:
+        lines += [""] + serve_markdown(report["serve"])
     if "kernels" in report:
         lines += ["", "| kernel | engine ms | baseline | baseline ms | engine speed-up | engine / baseline peak MiB |", "|---|---|---|---|---|---|"]
         for row in report["kernels"]:
@@ -929,8 +1104,12 @@ def parse_args(argv=None):
     ap.add_argument("--large-image", type=int, nargs=2, default=None, metavar=("H", "W"), help="large_image section: the image size (default 6000 8000; 600 800 with --smoke)")
     ap.add_argument("--large-image-child", choices=LARGE_IMAGE_FORMATS, help=argparse.SUPPRESS)  # the section's fresh process
     ap.add_argument("--job-ray-cpus", type=int, default=None, help="job section: CPUs of the local Ray cluster (default: all)")
+    ap.add_argument("--serve-requests", type=int, default=48, help="serve section: requests per run (each image once)")
+    ap.add_argument("--serve-concurrency", type=int, nargs="+", default=None, help="serve section: concurrent clients (default 1 4 16 64; 1 4 with --smoke)")
+    ap.add_argument("--serve-max-batch", type=int, default=8, help="serve section: the server's --max-batch-size")
+    ap.add_argument("--serve-loop-batches", type=int, nargs="+", default=None, help="serve section: batch sizes of the plain loop, the best one the ceiling (default 1 4 8; 1 2 with --smoke)")
+    ap.add_argument("--serve-timeout", type=float, default=300.0, help="serve section: seconds a request may take")
     args = ap.parse_args(argv)
-    import os
 
     args.warmup_job, args.repeats_job = 1, 3
     args.job_ray_cpus = args.job_ray_cpus or os.cpu_count()
@@ -955,6 +1134,9 @@ def parse_args(argv=None):
         args.rois_per_image, args.paste_detections, args.paste_image, args.nms_boxes = 6, 4, (40, 60), 60
         args.job_images, args.warmup_job, args.repeats_job = min(args.job_images, 6), 0, 1
         args.large_image = large_image or [600, 800]
+        args.serve_requests = min(args.serve_requests, 8)
+    args.serve_concurrency = args.serve_concurrency or ([1, 4] if args.smoke else [1, 4, 16, 64])
+    args.serve_loop_batches = args.serve_loop_batches or ([1, 2] if args.smoke else [1, 4, 8])
     return args
 
 
@@ -992,6 +1174,8 @@ def main(argv=None) -> dict:
         report["job"] = bench_job(args, device)
     if "large_image" in args.sections:
         report["large_image"] = bench_large_image(args, device)
+    if "serve" in args.sections:
+        report["serve"] = bench_serve(args, device)
     table = markdown(report)
     print(table)
     if args.json:

@@ -133,3 +133,22 @@ def test_benchmark_large_image_section_smoke(tmp_path):
     assert full["rss_growth_bytes"] >= full["mask_bytes"] and full["cuda_peak_bytes"] is None
     assert box["detections"] == full["detections"] and box["mask_bytes"] <= full["mask_bytes"]
     assert "peak RSS growth MiB" in out_md.read_text()
+
+
+def test_benchmark_serve_section_smoke(tmp_path):
+    """The server started, driven at two concurrencies with batching on and off, both workloads:
+    every request answered, a batch size and a latency for each row."""
+    pytest.importorskip("starlette", reason="the serve extra")
+    pytest.importorskip("httpx")
+    bench = _load_benchmark()
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--smoke", "--sections", "serve", "--device", "cpu", "--serve-requests", "4", "--serve-concurrency", "1", "2",
+                "--json", str(out_json), "--markdown", str(out_md)])
+    report = json.loads(out_json.read_text())["serve"]
+    assert set(report["workloads"]) == {"one_size", "mixed"}
+    for workload in report["workloads"].values():
+        runs = workload["runs"]
+        assert [(r["server"], r["concurrency"]) for r in runs] == [("batching", 1), ("batching", 2), ("batching off", 1), ("batching off", 2)]
+        assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["mean_batch"] >= 1 and r["p50_s"] > 0 for r in runs)
+        assert all(r["mean_batch"] == 1 for r in runs if r["server"] == "batching off")
+    assert "peak server MiB" in out_md.read_text()

@@ -71,6 +71,20 @@ def _score(text: str) -> float:
     return value
 
 
+def _add_predictor_options(parser: argparse.ArgumentParser, *, mask_format: str) -> None:
+    """The options that build the Predictor (:func:`_build_predictor`), the same for predict and serve."""
+    parser.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
+    parser.add_argument("--family", choices=("torchvision", "detectron2", "mmdetection", "matterport"), help="checkpoint family, if it cannot be told from the file (default: detected)")
+    parser.add_argument("--class-names", metavar="FILE", help="the foreground class names, one per line in label order (default: those the checkpoint carries, or COCO's for COCO-sized heads, or 'class i')")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="arithmetic of the network")
+    parser.add_argument(
+        "--score-threshold", type=_score, default=None,
+        help="keep detections scoring above this (default: the checkpoint family's own: 0.05, matterport 0.7)",
+    )
+    parser.add_argument("--mask-format", default=mask_format, choices=("full", "box"), help="box: masks kept as box crops (less memory, the same RLEs)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from engine.image_files import DEFAULT_MAX_PIXELS
 
@@ -87,17 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns or @list.txt")
     p.add_argument("--output", "-o", required=True, help="output folder (created; reused to resume)")
-    p.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
-    p.add_argument("--family", choices=("torchvision", "detectron2", "mmdetection", "matterport"), help="checkpoint family, if it cannot be told from the file (default: detected)")
-    p.add_argument("--class-names", metavar="FILE", help="the foreground class names, one per line in label order (default: those the checkpoint carries, or COCO's for COCO-sized heads, or 'class i')")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="arithmetic of the network")
+    _add_predictor_options(p, mask_format="full")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass")
-    p.add_argument(
-        "--score-threshold", type=_score, default=None,
-        help="keep detections scoring above this (default: the checkpoint family's own: 0.05, matterport 0.7)",
-    )
-    p.add_argument("--mask-format", default="full", choices=("full", "box"), help="box: masks kept as box crops (less memory, the same RLEs)")
     p.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, help="larger images (by their header) are errors, never decoded; 0: no limit")
     p.add_argument("--decode-budget", type=_positive_int, default=1024, metavar="MIB", help="MiB of decoded images held at once (a larger batch is decoded alone)")
     p.add_argument("--decode-workers", type=_positive_int, default=4, help="image decoding threads")
@@ -120,14 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         "forward pass, so an answer never depends on the other requests). Ready when GET /v2/health/ready says so. "
         "Needs the serve extra: pip install 'maskrcnn-engine[serve]'.",
     )
-    s.add_argument("--weights", help="checkpoint file (default: the bundled shapes model)")
     s.add_argument("--model-name", help="the model's name in the protocol's paths (default: the weights file's stem)")
-    s.add_argument("--family", choices=("torchvision", "detectron2", "mmdetection", "matterport"), help="checkpoint family, if it cannot be told from the file (default: detected)")
-    s.add_argument("--class-names", metavar="FILE", help="the foreground class names, one per line in label order (default: the checkpoint's own or COCO's)")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="arithmetic of the network")
-    s.add_argument("--score-threshold", type=_score, default=None, help="keep detections scoring above this (default: the checkpoint family's own: 0.05, matterport 0.7)")
-    s.add_argument("--mask-format", default="box", choices=("full", "box"), help="masks held as box crops or full images while encoding (the same RLEs)")
+    _add_predictor_options(s, mask_format="box")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (put a TLS proxy in front to expose it)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward pass at most")
@@ -177,16 +176,16 @@ def _check_extras(args: argparse.Namespace) -> None:
             import_pyarrow()
         except ImportError as exc:
             raise CommandError(str(exc)) from None
-    if args.weights and not Path(args.weights).is_file():
-        raise CommandError(f"--weights {args.weights}: no such file")
-    if args.class_names and not Path(args.class_names).is_file():
-        raise CommandError(f"--class-names {args.class_names}: no such file (one class name per line)")
 
 
 def _build_predictor(args: argparse.Namespace, device: str):
     """The command's :class:`engine.Predictor` and the weights file it reads."""
     from engine import Predictor
 
+    if args.weights and not Path(args.weights).is_file():
+        raise CommandError(f"--weights {args.weights}: no such file")
+    if args.class_names and not Path(args.class_names).is_file():
+        raise CommandError(f"--class-names {args.class_names}: no such file (one class name per line)")
     options = dict(device=device, precision=args.precision, score_threshold=args.score_threshold, mask_format=args.mask_format)
     if args.class_names:
         options["class_names"] = Path(args.class_names)
@@ -301,8 +300,6 @@ def serve_command(args: argparse.Namespace) -> int:
     from engine.serve.app import ServeOptions, create_app
     from engine.serve.server import run_server
 
-    if args.weights and not Path(args.weights).is_file():
-        raise CommandError(f"--weights {args.weights}: no such file")
     api_key = None
     if args.api_key_file:
         try:

@@ -285,7 +285,8 @@ def decode_image_file(path: str | os.PathLike, *, max_pixels: int | None = DEFAU
     """uint8 [H, W, 3] RGB from an image file; see :func:`decode_image_bytes`.
 
     The header is checked before the whole file is read, so a huge file that claims too many
-    pixels costs a few bytes of reading.
+    pixels costs a few bytes of reading; it is checked again on the bytes read, which are what
+    OpenCV decodes (the file may have changed in between).
 
     Raises:
         ImageDecodeError: not an image, corrupt, truncated or too large.

@@ -250,10 +250,11 @@ def _predict_on_ray(args: argparse.Namespace, inputs) -> int:
     from engine.ray_job import PredictorSpec, init_ray, run_ray_job
 
     address = None if args.ray == "local" else args.ray
+    # the driver reads the checkpoint once (before Ray starts: a bad file stops here), for the
+    # settings and the names the actors write
+    predictor, weights = _build_predictor(args, "cpu")
     ray = init_ray(address, verbose=args.verbose)
     device = args.device or ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
-    # the driver reads the checkpoint once, for the settings and the names the actors write
-    predictor, weights = _build_predictor(args, "cpu")
     settings, record = _settings_and_record(args, predictor, weights, device)
     names, category_ids = settings["class_names"], predictor.coco_category_ids
     del predictor
